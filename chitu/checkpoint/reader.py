@@ -1,0 +1,103 @@
+"""The per-tensor checkpoint reader interface, and `open_checkpoint` to pick one for a path."""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from glob import glob
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be opened or read; the message names the path (and tensor)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous slice [start, start + length) of a tensor along `dim`, in HF layout."""
+
+    dim: int
+    start: int
+    length: int
+
+
+class CheckpointReader(ABC):
+    """Reads tensors one at a time, by HF name and in HF layout, from a checkpoint."""
+
+    path: str
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """HF-style tensor names, e.g. "model.layers.0.self_attn.q_proj.weight"."""
+
+    @abstractmethod
+    def has(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape in HF layout, e.g. (out_features, in_features) for a linear weight."""
+
+    @abstractmethod
+    def read(
+        self,
+        name: str,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        shard: Shard | None = None,
+    ) -> torch.Tensor:
+        """Read one tensor (or only its `shard`) as `dtype` on `device`."""
+
+    @abstractmethod
+    def hf_config(self) -> PretrainedConfig: ...
+
+    @abstractmethod
+    def tokenizer_source(self) -> tuple[str, dict]:
+        """(path, kwargs) for `transformers.AutoTokenizer.from_pretrained(path, **kwargs)`."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _not_found(self, name: str) -> CheckpointError:
+        return CheckpointError(f"tensor {name!r} not found in {self.path}")
+
+    def _check_shard(self, name: str, shard: Shard) -> None:
+        shape = self.shape(name)
+        in_bounds = 0 <= shard.dim < len(shape) and 0 <= shard.start < shard.start + shard.length <= shape[shard.dim]
+        if not in_bounds:
+            raise CheckpointError(f"{shard} is out of bounds for tensor {name!r} of shape {shape} in {self.path}")
+
+
+def open_checkpoint(path: str) -> CheckpointReader:
+    """Open a safetensors directory (HF layout), a .gguf file, or a directory holding one .gguf."""
+    # Imported here because both readers import this module.
+    from chitu.checkpoint.gguf import GGUFCheckpointReader
+    from chitu.checkpoint.safetensors import SafetensorsReader
+
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return GGUFCheckpointReader(path)
+        raise CheckpointError(f"unsupported checkpoint file {path}: expected a .gguf file or a directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if glob(os.path.join(path, "*.safetensors")):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CheckpointError(f"no config.json next to the *.safetensors files in {path}")
+        return SafetensorsReader(path)
+    gguf_files = sorted(glob(os.path.join(path, "*.gguf")))
+    if len(gguf_files) > 1:
+        names = ", ".join(os.path.basename(f) for f in gguf_files)
+        raise CheckpointError(f"several .gguf files in {path} ({names}): pass the path of one of them")
+    if gguf_files:
+        return GGUFCheckpointReader(gguf_files[0])
+    raise CheckpointError(f"no *.safetensors or *.gguf weights in {path}")

@@ -1,0 +1,73 @@
+"""Composing the configuration: the Hydra compose API for library use, `hydra.main` for scripts."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+
+from chitu.config.schema import ChituConfig, ConfigError, validate_config
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULT_CONFIG_NAME = "serve_config"
+logger = logging.getLogger(__name__)
+
+
+def config_location() -> tuple[str, str]:
+    """(directory, name) of the config file: `CONFIG_PATH` / `CONFIG_NAME` env, else serve_config.yaml."""
+    directory = os.environ.get("CONFIG_PATH", str(CONFIG_DIR))
+    name = os.environ.get("CONFIG_NAME", DEFAULT_CONFIG_NAME)
+    name = name.removesuffix(".yaml")
+    if not (Path(directory) / f"{name}.yaml").is_file():
+        raise ConfigError(f"CONFIG_NAME={name}: no file {name}.yaml in {directory}")
+    if Path(directory).resolve() == CONFIG_DIR / "models":
+        raise ConfigError("chitu/config/models/*.yaml are model fragments, not whole configs: select them with models=<name>")
+    return os.path.abspath(directory), name
+
+
+def search_path_override(directory: str) -> list[str]:
+    """A config outside the package can still use serve_config and models/ from the package."""
+    return [] if Path(directory) == CONFIG_DIR else [f"hydra.searchpath=[file://{CONFIG_DIR}]"]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> ChituConfig:
+    """The validated configuration for `overrides` (Hydra override grammar)."""
+    directory, name = config_location()
+    try:
+        with initialize_config_dir(config_dir=directory, version_base=None):
+            cfg = compose(config_name=name, overrides=list(overrides) + search_path_override(directory))
+    except HydraException as e:
+        raise ConfigError(str(e)) from None
+    return validate_config(cfg)
+
+
+def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
+    """Decorate a script's main: Hydra parses the command line, logs go to outputs/, the config is validated."""
+
+    def main() -> object:
+        try:
+            directory, name = config_location()
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
+        sys.argv += search_path_override(directory)
+
+        @hydra.main(config_path=directory, config_name=name, version_base=None)
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> object:
+            try:
+                config = validate_config(cfg)
+            except ConfigError as e:
+                logger.error("config error: %s", e)
+                sys.exit(f"config error: {e}")
+            return task(config)
+
+        return run()
+
+    return main

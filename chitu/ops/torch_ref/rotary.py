@@ -1,0 +1,15 @@
+import torch
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] channels of x [T, heads, head_dim]; cos/sin are [T, rotary_dim/2]."""
+    rotary_dim = 2 * cos.shape[-1]
+    rot, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rotated, passthrough), dim=-1) if passthrough.numel() else rotated

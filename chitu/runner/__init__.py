@@ -1,0 +1,1 @@
+"""Model execution: input preparation, forward pass over the paged KV cache, sampling."""

@@ -1,0 +1,159 @@
+"""Turns each request's last-position logits into its next token, vectorised over a mixed batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RowParams:
+    """One request's sampling settings, as the runner hands them to SamplingBatch.build."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    generator: torch.Generator | None = None
+    top_logprobs: int = 0
+    logprobs: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalty(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1
+
+
+@dataclass
+class SamplingBatch:
+    """One row per request in the step; all tensors on the logits' device."""
+
+    temperature: torch.Tensor        # [B] float32; 0 means greedy
+    top_p: torch.Tensor              # [B] float32 in (0, 1]
+    top_k: torch.Tensor              # [B] int64; -1 or 0 = disabled
+    frequency_penalty: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor   # [B] float32
+    output_tokens: torch.Tensor      # [B, L] int64, generated tokens padded with -1 (L may be 0)
+    generators: list[torch.Generator | None]
+    num_top_logprobs: int            # max over the batch of requested top_logprobs
+    need_logprobs: bool
+    # Host-side facts, so the hot path can skip work without reading the tensors back (a device sync).
+    all_greedy: bool = False
+    needs_top_k_top_p: bool = True
+
+    @classmethod
+    def build(cls, params: list[RowParams], output_tokens: list[list[int]],
+              device: torch.device | str) -> SamplingBatch:
+        """Batch the rows' settings; output_tokens is only copied over when some row has a penalty."""
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        sampled = [p for p in params if not p.is_greedy]
+        if not any(p.has_penalty for p in params):
+            output_tokens = [[] for _ in params]
+        return cls(
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.int64),
+            frequency_penalty=tensor([p.frequency_penalty for p in params], torch.float32),
+            presence_penalty=tensor([p.presence_penalty for p in params], torch.float32),
+            output_tokens=_pad(output_tokens).to(device),
+            generators=[p.generator for p in params],
+            num_top_logprobs=max((p.top_logprobs for p in params), default=0),
+            need_logprobs=any(p.logprobs or p.top_logprobs for p in params),
+            all_greedy=not sampled,
+            needs_top_k_top_p=any(p.filters for p in sampled),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor             # [B] int64
+    logprobs: torch.Tensor | None       # [B] float32 logprob of the chosen token
+    top_token_ids: torch.Tensor | None  # [B, num_top_logprobs], most likely first
+    top_logprobs: torch.Tensor | None   # [B, num_top_logprobs]
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        # Logprobs describe the model's own distribution: raw logits, before penalties and temperature.
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.need_logprobs else None
+        logits = apply_penalties(logits, batch)
+        token_ids = logits.argmax(dim=-1)
+        if not batch.all_greedy:
+            is_greedy = (batch.temperature == 0) | (batch.top_k == 1)
+            token_ids = torch.where(is_greedy, token_ids, _sample(logits, batch))
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids, None, None, None)
+        chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        if batch.num_top_logprobs == 0:
+            return SamplerOutput(token_ids, chosen, None, None)
+        top_logprobs, top_ids = raw_logprobs.topk(batch.num_top_logprobs, dim=-1)
+        return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """OpenAI frequency and presence penalties over each row's generated tokens; returns a new tensor."""
+    if batch.output_tokens.shape[1] == 0:
+        return logits
+    vocab_size = logits.shape[-1]
+    # The -1 padding is counted in a spare column past the vocabulary, then dropped.
+    token_ids = batch.output_tokens.masked_fill(batch.output_tokens < 0, vocab_size)
+    counts = torch.zeros(logits.shape[0], vocab_size + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=logits.dtype))
+    counts = counts[:, :vocab_size]
+    return (logits - batch.frequency_penalty[:, None] * counts
+            - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype))
+
+
+def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """A token per row drawn from softmax(logits / T) after top-k and top-p; greedy rows get junk."""
+    temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+    logits = logits / temperature[:, None]
+    if batch.needs_top_k_top_p:
+        logits = logits.masked_fill(_top_k_top_p_mask(logits, batch), float("-inf"))
+    return _exponential_race(logits.softmax(dim=-1), batch.generators)
+
+
+def _top_k_top_p_mask(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """True where a token falls outside the row's top k, or outside its nucleus of mass top_p."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+    top_k = torch.where(batch.top_k > 0, batch.top_k, vocab_size)
+    ranks = torch.arange(vocab_size, device=logits.device)
+    sorted_mask = ranks[None, :] >= top_k[:, None]
+    # Top-p works on the distribution renormalised over the top k, and keeps a token while the mass
+    # ranked above it is still short of top_p, so the most likely token always stays.
+    sorted_probs = sorted_logits.masked_fill(sorted_mask, float("-inf")).softmax(dim=-1)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # top_p == 1 must keep everything, even where rounding pushes the cumulative sum to 1 early.
+    sorted_mask |= (mass_above >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1)
+    return torch.empty_like(sorted_mask).scatter_(1, sorted_ids, sorted_mask)
+
+
+def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, without multinomial's host sync."""
+    noise = torch.empty_like(probs).exponential_()
+    # Seeded rows redraw their own noise, so their tokens do not depend on the rest of the batch.
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _pad(rows: list[list[int]]) -> torch.Tensor:
+    width = max(map(len, rows), default=0)
+    padded = [row + [-1] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.int64).view(len(rows), width)

@@ -1,0 +1,95 @@
+"""The Hydra configuration: defaults, overrides, model fragments, and precise errors for bad input."""
+import pytest
+
+from chitu.config import ConfigError, compose_config
+from chitu.config.loader import CONFIG_DIR
+
+SPEC_KEYS = [
+    "models.ckpt_dir", "models.tokenizer_path", "infer.tp_size", "infer.pp_size", "infer.cache_type",
+    "infer.attn_type", "infer.mla_absorb", "infer.max_reqs", "infer.max_seq_len", "infer.use_cuda_graph",
+    "infer.raise_lower_bit_float_to", "infer.op_impl", "request.max_new_tokens", "request.prompt_tokens_len",
+    "serve.port", "serve.api_keys", "quant", "quant_on_load", "quant_ckpt_dir", "skip_preprocess",
+    "scheduler.pp_config.prefill_num_tasks_divided_by_pp", "scheduler.pp_config.prefill_num_tasks",
+    "scheduler.pp_config.enforce_decode_num_tasks_max", "scheduler.pp_config.decode_num_tasks",
+]
+
+
+def get(config, dotted):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def test_defaults_hold_every_manual_key():
+    config = compose_config()
+    for key in SPEC_KEYS:
+        get(config, key)  # raises AttributeError when a key is missing
+    assert config.models.name == "SmolLM2-135M-Instruct"
+    assert config.infer.cache_type == "paged"
+    assert config.scheduler.pp_config.prefill_num_tasks_divided_by_pp is True
+    assert config.scheduler.pp_config.prefill_num_tasks == 8
+    assert config.scheduler.pp_config.enforce_decode_num_tasks_max is True
+    assert config.scheduler.pp_config.decode_num_tasks == 8
+    assert config.request.max_new_tokens == 128
+
+
+def test_overrides_and_model_selection():
+    config = compose_config(["infer.max_reqs=3", "request.max_new_tokens=7", "models=Qwen3-8B",
+                             "models.ckpt_dir=/tmp", "serve.api_keys=[{key: k1, priority: 5}]"])
+    assert config.infer.max_reqs == 3 and config.request.max_new_tokens == 7
+    assert config.models.name == "Qwen3-8B" and config.models.ckpt_dir == "/tmp"
+    assert config.serve.api_keys[0].key == "k1" and config.serve.api_keys[0].priority == 5
+
+
+def test_every_model_fragment_composes():
+    names = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+    assert len(names) >= 7
+    for name in names:
+        assert compose_config([f"models={name}"]).models.name == name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+infer.no_such_key=1", "unknown config key 'infer.no_such_key'"),
+    ("+bogus=1", "unknown config key 'bogus'"),
+    ("infer.max_reqs=many", "infer.max_reqs"),
+    ("infer.max_reqs=0", "infer.max_reqs=0 must be a positive integer"),
+    ("infer.attn_type=fast", "infer.attn_type=fast is not one of"),
+    ("infer.mla_absorb=absorb", "infer.mla_absorb=absorb: MLA weight absorption"),
+    ("infer.cache_type=skew", "infer.cache_type=skew"),
+    ("serve.port=80", "serve.port=80"),
+    ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),
+    ("dtype=float8", "dtype=float8 is not one of"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as error:
+        compose_config([override])
+    assert message in str(error.value)
+
+
+def test_unknown_model_and_missing_override_target():
+    with pytest.raises(ConfigError, match="models/NoSuchModel"):
+        compose_config(["models=NoSuchModel"])
+    with pytest.raises(ConfigError, match="infer.nothing"):
+        compose_config(["infer.nothing=1"])
+
+
+def test_checkpoint_resolution():
+    with pytest.raises(ConfigError, match="models.ckpt_dir is not set for model Qwen3-8B"):
+        compose_config(["models=Qwen3-8B"]).models.checkpoint_path()
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        compose_config(["models.ckpt_dir=/no/such/dir"]).models.checkpoint_path()
+
+
+def test_default_checkpoint_is_the_packaged_gguf(smollm2_path):
+    assert compose_config().models.checkpoint_path() == smollm2_path
+
+
+def test_config_name_selects_another_file(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - serve_config\n  - _self_\ninfer:\n  max_reqs: 2\n")
+    monkeypatch.setenv("CONFIG_PATH", str(tmp_path))
+    monkeypatch.setenv("CONFIG_NAME", "mine.yaml")
+    config = compose_config(["models=Qwen3-8B"])
+    assert config.infer.max_reqs == 2 and config.models.name == "Qwen3-8B"
+    monkeypatch.setenv("CONFIG_NAME", "missing.yaml")
+    with pytest.raises(ConfigError, match="no file missing.yaml"):
+        compose_config()
