@@ -10,8 +10,6 @@ from transformers import AutoTokenizer
 
 class Tokenizer:
     def __init__(self, location: str):
-        if not os.path.exists(location):
-            raise FileNotFoundError(f"tokenizer path {location} does not exist")
         if location.endswith(".gguf"):
             self.hf = AutoTokenizer.from_pretrained(os.path.dirname(location) or ".", gguf_file=os.path.basename(location))
         else:

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from chitu.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be opened or read; the message names the path (and tensor)."""
 
 

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
+from chitu.errors import UserError
 from chitu.config.schema import ChituConfig, ConfigError, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -62,11 +63,10 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
         @functools.wraps(task)
         def run(cfg: DictConfig) -> object:
             try:
-                config = validate_config(cfg)
-            except ConfigError as e:
-                logger.error("config error: %s", e)
-                sys.exit(f"config error: {e}")
-            return task(config)
+                return task(validate_config(cfg))
+            except UserError as e:
+                logger.error("%s: %s", type(e).__name__, e)
+                sys.exit(1)
 
         return run()
 

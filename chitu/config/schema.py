@@ -14,8 +14,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from chitu.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that Chitu cannot start with."""
 
 
@@ -98,6 +100,8 @@ class ModelsSection:
         )
 
     def tokenizer_location(self) -> str:
+        if self.tokenizer_path and not os.path.exists(self.tokenizer_path):
+            raise ConfigError(f"models.tokenizer_path={self.tokenizer_path}: no such file or directory")
         return self.tokenizer_path or self.checkpoint_path()
 
 

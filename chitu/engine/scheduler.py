@@ -34,6 +34,7 @@ class Scheduler:
         self.prefill_budget = prefill_chunk_size
         self.waiting: list[tuple[tuple[int, int], Request]] = []
         self.running: list[Request] = []
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -110,6 +111,7 @@ class Scheduler:
         self.running.remove(request)
         self.blocks.release(request)
         self.add(request)
+        self.num_preemptions += 1
 
     def finish(self, request: Request, reason: str) -> None:
         if request in self.running:

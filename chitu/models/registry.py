@@ -9,10 +9,11 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from chitu.errors import UserError
 from chitu.models.dense import DecoderOptions, DenseForCausalLM
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     pass
 
 

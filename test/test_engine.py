@@ -1,0 +1,105 @@
+"""The engine on the real default model (fp32): continuous batching, KV exhaustion, chunked prefill,
+admission limits, aborts and stop conditions."""
+import pytest
+
+from chitu import LLM, SamplingParams
+from chitu.engine.engine import LLMEngine, RequestRejected
+
+QUESTIONS = ["What is machine learning?", "Name three primary colors.", "写一首关于月亮的短诗。",
+             "How do airplanes fly?", "Give me a list of five fruits.", "What is 17 times 3?",
+             "Explain recursion to a child.", "Translate 'good morning' into French."]
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+SEEDED = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+
+
+def chat_prompts(engine: LLMEngine) -> list[list[int]]:
+    return [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+def run_alone(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    request = engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    return request.output_token_ids
+
+
+def run_staggered(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, every: int = 2):
+    """Request i arrives at step i * every, while the earlier ones are running."""
+    requests, step = [], 0
+    while len(requests) < len(prompts) or engine.has_unfinished():
+        if len(requests) < len(prompts) and step % every == 0:
+            requests.append(engine.add_request(prompts[len(requests)], params))
+        engine.step()
+        step += 1
+    return requests
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    return LLM("dtype=float32", "infer.max_seq_len=256", "infer.max_reqs=8")
+
+
+@pytest.fixture(scope="module")
+def engine(llm):
+    return llm.engine
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    prompts = chat_prompts(engine)
+    return {name: [run_alone(engine, p, params) for p in prompts] for name, params in
+            (("greedy", GREEDY), ("seeded", SEEDED))}
+
+
+@pytest.mark.parametrize("name, params", [("greedy", GREEDY), ("seeded", SEEDED)])
+def test_requests_joining_a_running_batch_match_running_alone(engine, alone, name, params):
+    requests = run_staggered(engine, chat_prompts(engine), params)
+    assert [r.output_token_ids for r in requests] == alone[name]
+    assert all(r.finish_reason in ("stop", "length") for r in requests)
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
+
+
+def test_more_requests_than_kv_blocks_all_finish_correctly(alone, smollm2_path):
+    # 6 blocks of 16 tokens hold ~2 requests: admission queues, decode preempts and recomputes.
+    small = LLM("dtype=float32", "infer.max_seq_len=96", "infer.max_reqs=8", "infer.block_size=16",
+                "infer.num_blocks=6", "infer.prefill_chunk_size=16").engine
+    requests = run_staggered(small, chat_prompts(small), GREEDY, every=1)
+    assert [r.output_token_ids for r in requests] == alone["greedy"]
+    assert small.scheduler.num_preemptions > 0
+    assert small.blocks.num_free == 6
+
+
+def test_prompt_plus_max_tokens_over_max_seq_len_is_rejected(engine):
+    with pytest.raises(RequestRejected, match=r"prompt \(250 tokens\) \+ max_new_tokens \(10\) = 260 exceeds"):
+        engine.add_request([1] * 250, SamplingParams(max_new_tokens=10))
+    with pytest.raises(RequestRejected, match="empty"):
+        engine.add_request([], GREEDY)
+    assert not engine.has_unfinished()
+
+
+def test_abort_frees_blocks_at_once(engine):
+    request = engine.add_request(chat_prompts(engine)[0], SamplingParams(max_new_tokens=50, temperature=0))
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    engine.abort(request.request_id)
+    assert request.finish_reason == "abort" and engine.blocks.num_free == engine.blocks.num_blocks
+    assert not engine.has_unfinished()
+
+
+def test_stop_with_eos_false_generates_exactly_max_new_tokens(engine):
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "Say OK."}])
+    stopped = run_alone(engine, prompt, SamplingParams(max_new_tokens=40, temperature=0))
+    assert stopped[-1] in engine.tokenizer.eos_token_ids and len(stopped) < 40
+    forced = engine.add_request(prompt, SamplingParams(max_new_tokens=40, temperature=0, stop_with_eos=False))
+    while engine.has_unfinished():
+        engine.step()
+    assert len(forced.output_token_ids) == 40 and forced.finish_reason == "length"
+    assert forced.output_token_ids[:len(stopped)] == stopped
+
+
+def test_offline_api_takes_text_and_token_ids(llm, engine):
+    by_text = llm.generate("The capital of France is", GREEDY)[0]
+    by_ids = llm.generate([engine.tokenizer.encode("The capital of France is")], GREEDY)[0]
+    assert by_text.token_ids == by_ids.token_ids and by_text.text == by_ids.text
+    assert by_text.finish_reason in ("stop", "length") and by_text.text
