@@ -9,6 +9,7 @@ import transformers
 
 from chitu.checkpoint import open_checkpoint
 from chitu.models.loader import load_model
+from chitu.models.registry import UnsupportedModelError
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.model_runner import ModelRunner
 
@@ -98,3 +99,16 @@ def test_logits_match_transformers(family):
         logits = run.step({i: [seq[-1]] for i, seq in enumerate(sequences)})
         expected = hf_last_logits(hf_model, sequences)
         assert relative_error(logits, expected) <= 1e-4, f"decode step {step}"
+
+
+def test_unsupported_architecture_and_type_mismatch_are_clear(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    reader = open_checkpoint(str(tmp_path / "gpt2"))
+    with pytest.raises(UnsupportedModelError, match="unsupported model architecture.*GPT2LMHeadModel"):
+        load_model(reader, "hf-llama", 64, torch.device("cpu"), torch.float32)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY))
+    qwen3.save_pretrained(tmp_path / "qwen3")
+    reader = open_checkpoint(str(tmp_path / "qwen3"))
+    with pytest.raises(UnsupportedModelError, match="models.type=hf-glm-z1 but the checkpoint is Qwen3ForCausalLM"):
+        load_model(reader, "hf-glm-z1", 64, torch.device("cpu"), torch.float32)

@@ -27,6 +27,14 @@ class RequestRejected(ValueError):
     """A request the engine cannot serve as asked (too long for infer.max_seq_len, …)."""
 
 
+class StepError(RuntimeError):
+    """A step failed; `requests` are the ones it ran, whose state can no longer be trusted."""
+
+    def __init__(self, requests: list[Request]):
+        super().__init__(f"an engine step over {len(requests)} request(s) failed")
+        self.requests = requests
+
+
 @dataclass
 class StepOutput:
     request: Request
@@ -108,12 +116,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        sampled_rows, samples = self.runner.run(batch)
-        for request, n in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += n
-        if samples is None:
-            return []
-        return self._append_samples(batch, sampled_rows, samples)
+        try:
+            sampled_rows, samples = self.runner.run(batch)
+            for request, n in zip(batch.requests, batch.num_new_tokens):
+                request.num_computed_tokens += n
+            return [] if samples is None else self._append_samples(batch, sampled_rows, samples)
+        except Exception as e:
+            raise StepError(batch.requests) from e
 
     def _append_samples(self, batch: Batch, rows: list[int], samples: SamplerOutput) -> list[StepOutput]:
         token_ids = samples.token_ids.tolist()
