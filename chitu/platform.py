@@ -1,6 +1,7 @@
 """Which device Chitu runs on and in which dtype; a clear error for platforms not built here."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -29,8 +30,39 @@ def resolve_dtype(config: ChituConfig) -> torch.dtype:
     return getattr(torch, config.dtype or config.float_16bit_variant)
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes that could still be allocated on `device`."""
+def memory_budget(device: torch.device, utilization: float) -> int:
+    """Bytes still allowed on `device`: on CUDA `utilization` of the card minus what is in use,
+    on CPU `utilization` of the memory available now."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total * utilization) - (total - free)
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * utilization)
+
+
+def resolve_cuda_graph(config: ChituConfig, device: torch.device) -> bool:
+    setting = config.infer.use_cuda_graph
+    if setting is True and device.type != "cuda":
+        raise ConfigError("infer.use_cuda_graph=True needs a CUDA device")
+    return device.type == "cuda" if setting == "auto" else setting
+
+
+def resolve_attention_backend(config: ChituConfig, device: torch.device) -> str:
+    """'triton' or 'ref' (the plain-torch reference); other backends name their missing pip extra."""
+    attn_type = config.infer.attn_type
+    if attn_type in OPTIONAL_BACKENDS:
+        package, extra = OPTIONAL_BACKENDS[attn_type]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"infer.attn_type={attn_type} needs the optional dependency {package}: "
+                              f"pip install --no-build-isolation '.[{extra}]'")
+        raise ConfigError(f"infer.attn_type={attn_type}: this backend is not built into this Chitu yet")
+    if attn_type == "npu":
+        raise ConfigError("infer.attn_type=npu needs an Ascend build (CHITU_ASCEND_BUILD=1), not built here")
+    if attn_type == "triton" and device.type != "cuda":
+        raise ConfigError("infer.attn_type=triton needs a CUDA device; use auto or ref on CPU")
+    if attn_type == "auto":
+        return "triton" if device.type == "cuda" else "ref"
+    return attn_type
+
+
+OPTIONAL_BACKENDS = {"flash_attn": ("flash_attn", "flash_attn"), "flash_infer": ("flashinfer", "flashinfer"),
+                     "flash_mla": ("flash_mla", "flash_mla")}

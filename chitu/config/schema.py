@@ -146,18 +146,14 @@ NOT_BUILT: dict[str, tuple[Any, str]] = {
     "infer.dp_size": (1, "data parallelism"),
     "infer.ep_size": (1, "expert parallelism"),
     "infer.cache_type": ("paged", "the dense 'skew' KV cache (use infer.cache_type=paged)"),
-    "infer.attn_type": ("auto", "attention backends other than the built-in ones"),
     "infer.op_impl": ("torch", "custom operator implementations"),
     "infer.mla_absorb": ("none", "MLA weight absorption (DeepSeek-V3 family)"),
-    "infer.use_cuda_graph": ("auto", "CUDA graphs"),
     "quant": (None, "quantized execution"),
     "quant_on_load": (False, "quantize-on-load"),
     "quant_ckpt_dir": (None, "pre-quantized checkpoints"),
     "skip_preprocess": (False, "preprocessed checkpoints"),
     "cpu_layer_num": (None, "CPU+GPU hybrid MoE"),
 }
-# Values of NOT_BUILT keys that work even though they differ from the default.
-BUILT_VALUES: dict[str, tuple] = {"infer.attn_type": ("ref",), "infer.use_cuda_graph": (False,)}
 
 
 def validate_config(cfg: DictConfig) -> ChituConfig:
@@ -204,7 +200,7 @@ def _check_values(config: ChituConfig) -> None:
         raise ConfigError(f"infer.prefill_chunk_size={chunk} must be null or >= infer.block_size")
     for key, (default, feature) in NOT_BUILT.items():
         value = get_key(config, key)
-        if value != default and value not in BUILT_VALUES.get(key, ()):
+        if value != default:
             raise ConfigError(f"{key}={value}: {feature} is not built in this version of Chitu yet")
 
 

@@ -6,16 +6,18 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from chitu.checkpoint import open_checkpoint
-from chitu.config.schema import ChituConfig
+from chitu.config.schema import ChituConfig, ConfigError
 from chitu.engine.detokenizer import IncrementalDetokenizer
 from chitu.engine.kv_cache import BlockManager, blocks_for
 from chitu.engine.request import Request, TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
 from chitu.engine.scheduler import Batch, Scheduler
 from chitu.models.loader import load_model
-from chitu.platform import available_memory, resolve_device, resolve_dtype
+from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
+                            resolve_dtype)
 from chitu.runner.model_runner import ModelRunner
 from chitu.runner.sampler import SamplerOutput
 from chitu.tokenizer import Tokenizer
@@ -48,35 +50,56 @@ class StepOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: ChituConfig):
+    """Loads the configured checkpoint and tokenizer, or takes a ready `model` (random-weight benchmarks);
+    without a tokenizer, prompts must be token ids and outputs carry no text."""
+
+    def __init__(self, config: ChituConfig, model: nn.Module | None = None, tokenizer: Tokenizer | None = None):
         self.config = config
         torch.manual_seed(config.infer.seed)
         self.device = resolve_device(config)
-        self.tokenizer = Tokenizer(config.models.tokenizer_location())
-        reader = open_checkpoint(config.models.checkpoint_path())
-        try:
-            model = load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config))
-        finally:
-            reader.close()
+        attention_backend = resolve_attention_backend(config, self.device)
+        if model is None:
+            tokenizer = Tokenizer(config.models.tokenizer_location())
+            model = self._load_model()
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset()
         self.model_config = model.config
-        self.runner = ModelRunner(model, self.device, config.infer.block_size)
+        for attention in model.attention_layers():
+            attention.backend = attention_backend
+        infer = config.infer
+        self.runner = ModelRunner(model, self.device, infer.block_size, infer.max_reqs, infer.max_seq_len,
+                                  resolve_cuda_graph(config, self.device))
         num_blocks = self._num_kv_blocks()
         self.runner.allocate_kv_cache(num_blocks)
-        self.blocks = BlockManager(num_blocks, config.infer.block_size)
-        self.scheduler = Scheduler(self.blocks, config.infer.max_reqs, config.infer.prefill_chunk_size)
+        self.blocks = BlockManager(num_blocks, infer.block_size)
+        self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size)
         self.requests: dict[str, Request] = {}
-        logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.infer.block_size)
+        logger.info("KV cache: %d blocks of %d tokens; attention: %s; CUDA graphs: %s",
+                    num_blocks, infer.block_size, attention_backend, self.runner.use_cuda_graph)
+
+    def _load_model(self) -> nn.Module:
+        config = self.config
+        reader = open_checkpoint(config.models.checkpoint_path())
+        try:
+            return load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config))
+        finally:
+            reader.close()
 
     def _num_kv_blocks(self) -> int:
         infer = self.config.infer
         if infer.num_blocks > 0:
             return infer.num_blocks
-        wanted = blocks_for(infer.max_reqs * infer.max_seq_len, infer.block_size)
-        affordable = int(available_memory(self.device) * infer.memory_utilization) // self.runner.kv_block_bytes()
-        if affordable < blocks_for(infer.max_seq_len, infer.block_size):
-            raise MemoryError(f"the KV cache for one request of infer.max_seq_len={infer.max_seq_len} tokens "
-                              f"does not fit in the memory left after the weights")
-        return min(wanted, affordable)
+        budget = memory_budget(self.device, infer.memory_utilization)
+        if self.device.type == "cuda":
+            budget -= self.runner.profile_activation_bytes(min(infer.prefill_chunk_size or infer.max_seq_len, infer.max_seq_len))
+        affordable = max(budget, 0) // self.runner.kv_block_bytes()
+        needed = blocks_for(infer.max_seq_len, infer.block_size)
+        if affordable < needed:
+            raise ConfigError(
+                f"the KV cache for one request of infer.max_seq_len={infer.max_seq_len} tokens needs {needed} blocks "
+                f"({needed * self.runner.kv_block_bytes() / 2**30:.2f} GiB) but only {affordable} fit in the memory "
+                f"left after the weights: lower infer.max_seq_len or raise infer.memory_utilization")
+        return min(blocks_for(infer.max_reqs * infer.max_seq_len, infer.block_size), affordable)
 
     @property
     def max_model_tokens(self) -> int:
@@ -88,7 +111,8 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_length(len(token_ids), params.max_new_tokens)
         request = Request(request_id or uuid.uuid4().hex, token_ids, params, priority)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, token_ids)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, token_ids)
         if params.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.requests[request.request_id] = request
@@ -137,17 +161,18 @@ class LLMEngine:
                 top = list(zip(top_ids, top_values))[: request.params.top_logprobs]
                 output.new_logprobs.append(TokenLogprob(token_ids[i], chosen, top))
                 request.logprobs.extend(output.new_logprobs)
-            output.new_text = request.detokenizer.add(token_ids[i])
+            detokenizer = request.detokenizer
+            output.new_text = detokenizer.add(token_ids[i]) if detokenizer else ""
             reason = self._stop_reason(request, token_ids[i])
             if reason:
-                output.new_text += request.detokenizer.flush()
+                output.new_text += detokenizer.flush() if detokenizer else ""
                 self.scheduler.finish(request, reason)
                 self.requests.pop(request.request_id, None)
             outputs.append(output)
         return outputs
 
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
-        if request.params.stop_with_eos and token_id in self.tokenizer.eos_token_ids:
+        if request.params.stop_with_eos and token_id in self.eos_token_ids:
             return "stop"
         if len(request.output_token_ids) >= request.params.max_new_tokens or request.num_tokens >= self.max_model_tokens:
             return "length"

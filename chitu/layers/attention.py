@@ -14,6 +14,7 @@ class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.backend = "ref"  # set by the engine: "ref" (torch) or "triton"
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
