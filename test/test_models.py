@@ -1,6 +1,7 @@
 """Every model family against HF transformers on a tiny random config: prefill of a batch of prompts of
 different lengths (one prompt in two chunks, reading its cached prefix pages) and 8 decode steps through
 a paged cache whose block tables are scattered."""
+import copy
 import random
 
 import pytest
@@ -55,8 +56,11 @@ def family(request, tmp_path_factory):
 class PagedRun:
     """Drives a Chitu model through prefill and decode steps over a paged cache with scattered blocks."""
 
-    def __init__(self, model, num_seqs: int, tokens_per_seq: int):
-        self.runner = ModelRunner(model, torch.device("cpu"), BLOCK_SIZE)
+    def __init__(self, model, num_seqs: int, tokens_per_seq: int, device: str = "cpu"):
+        self.device = device
+        self.runner = ModelRunner(model, torch.device(device), BLOCK_SIZE)
+        for attention in model.attention_layers():
+            attention.backend = "triton" if device == "cuda" else "ref"
         blocks_per_seq = -(-tokens_per_seq // BLOCK_SIZE)
         ids = list(range(num_seqs * blocks_per_seq + 3))
         random.Random(0).shuffle(ids)
@@ -66,39 +70,58 @@ class PagedRun:
 
     @torch.inference_mode()
     def step(self, new_tokens: dict[int, list[int]]) -> torch.Tensor:
-        """Feed new tokens to some sequences; logits of each one's last new token."""
+        """Feed new tokens to some sequences; float32 logits of each one's last new token, on the CPU."""
         seqs = list(new_tokens)
         for s in seqs:
             self.cached[s] += len(new_tokens[s])
         meta = AttentionMetadata.build([len(new_tokens[s]) for s in seqs], [self.cached[s] for s in seqs],
-                                       [self.tables[s] for s in seqs], BLOCK_SIZE, "cpu")
-        flat = torch.tensor([t for s in seqs for t in new_tokens[s]])
+                                       [self.tables[s] for s in seqs], BLOCK_SIZE, self.device)
+        flat = torch.tensor([t for s in seqs for t in new_tokens[s]], device=self.device)
         hidden = self.runner.model(flat, meta)
-        return self.runner.model.compute_logits(hidden[meta.query_start_loc[1:] - 1])
+        return self.runner.model.compute_logits(hidden[meta.query_start_loc[1:] - 1]).float().cpu()
 
 
 @torch.inference_mode()
 def hf_last_logits(hf_model, sequences: list[list[int]]) -> torch.Tensor:
-    return torch.stack([hf_model(torch.tensor([s])).logits[0, -1] for s in sequences])
+    device = next(hf_model.parameters()).device
+    return torch.stack([hf_model(torch.tensor([s], device=device)).logits[0, -1].float().cpu() for s in sequences])
+
+
+def run_prefill_and_decode(model, hf_models, device: str = "cpu") -> list[tuple[float, ...]]:
+    """Relative errors of Chitu's logits against each HF model, for every prefill and decode step;
+    tokens follow the first HF model's greedy choices."""
+    gen = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in PROMPT_LENS]
+    run = PagedRun(model, len(sequences), max(PROMPT_LENS) + DECODE_STEPS, device)
+    split = 9  # prompt 1 is prefilled in two chunks; the second attends over its cached prefix pages
+    first_logits = run.step({0: sequences[0], 1: sequences[1][:split], 2: sequences[2]})
+    second_logits = run.step({1: sequences[1][split:]})
+    logits = torch.stack([first_logits[0], second_logits[0], first_logits[2]])
+    errors = []
+    for step in range(DECODE_STEPS + 1):
+        expected = [hf_last_logits(hf, sequences) for hf in hf_models]
+        errors.append(tuple(relative_error(logits, e) for e in expected))
+        if step < DECODE_STEPS:
+            for seq, token in zip(sequences, expected[0].argmax(-1).tolist()):
+                seq.append(token)
+            logits = run.step({i: [seq[-1]] for i, seq in enumerate(sequences)})
+    return errors
 
 
 def test_logits_match_transformers(family):
     hf_model, model = family
-    gen = torch.Generator().manual_seed(1)
-    sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in PROMPT_LENS]
-    run = PagedRun(model, len(sequences), max(PROMPT_LENS) + DECODE_STEPS)
-    split = 9  # prompt 1 is prefilled in two chunks; the second attends over its cached prefix pages
-    first_logits = run.step({0: sequences[0], 1: sequences[1][:split], 2: sequences[2]})
-    second_logits = run.step({1: sequences[1][split:]})
-    expected = hf_last_logits(hf_model, sequences)
-    assert relative_error(first_logits[[0, 2]], expected[[0, 2]]) <= 1e-4
-    assert relative_error(second_logits[0], expected[1]) <= 1e-4
-    for step in range(DECODE_STEPS):
-        for seq, token in zip(sequences, expected.argmax(-1).tolist()):
-            seq.append(token)
-        logits = run.step({i: [seq[-1]] for i, seq in enumerate(sequences)})
-        expected = hf_last_logits(hf_model, sequences)
-        assert relative_error(logits, expected) <= 1e-4, f"decode step {step}"
+    for step, (error,) in enumerate(run_prefill_and_decode(model, [hf_model])):
+        assert error <= 1e-4, f"step {step} (0 = prefill)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(family):
+    hf_model, model = family
+    chitu_bf16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    hf_fp32 = copy.deepcopy(hf_model).to("cuda")
+    hf_bf16 = copy.deepcopy(hf_model).to("cuda", torch.bfloat16)
+    for step, (chitu_error, hf_error) in enumerate(run_prefill_and_decode(chitu_bf16, [hf_fp32, hf_bf16], "cuda")):
+        assert chitu_error <= max(2 * hf_error, 2e-2), f"step {step}: chitu {chitu_error:.4f}, hf bf16 {hf_error:.4f}"
 
 
 def test_unsupported_architecture_and_type_mismatch_are_clear(tmp_path):

@@ -21,4 +21,4 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] → [T, heads, head_dim]."""
         attention_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return attention_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return attention_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.backend)

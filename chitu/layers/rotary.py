@@ -20,6 +20,12 @@ def rope_parameters(config: PretrainedConfig) -> dict:
 
 
 def inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """On the CPU, whatever device the model is being built on."""
+    with torch.device("cpu"):
+        return _inverse_frequencies(config, head_dim)
+
+
+def _inverse_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     params = rope_parameters(config)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
@@ -34,9 +40,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.interleaved = interleaved
         inv_freq, scaling = inverse_frequencies(config, head_dim)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
-        self.register_buffer("cos", freqs.cos() * scaling, persistent=False)
-        self.register_buffer("sin", freqs.sin() * scaling, persistent=False)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), inv_freq.float())
+        device = torch.get_default_device()  # the model is built under `with torch.device(...)`
+        self.register_buffer("cos", (freqs.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos[positions], self.sin[positions]

@@ -1,8 +1,12 @@
 """Paged attention: storing new K/V into the block cache and attending over it."""
 import torch
 
+from chitu.ops import triton as triton_ops
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.ops.torch_ref import attention as ref
+
+if triton_ops.AVAILABLE:
+    from chitu.ops.triton import attention as kernels
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -11,5 +15,12 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    return ref.paged_attention(q, k_cache, v_cache, meta, scale)
+                    meta: AttentionMetadata, scale: float, backend: str = "triton") -> torch.Tensor:
+    """backend "ref" forces the torch reference; "triton" uses the kernels where they run."""
+    # float32 stays on the reference: tl.dot would round its operands to tf32
+    if backend == "ref" or not triton_ops.enabled(q) or q.dtype == torch.float32:
+        return ref.paged_attention(q, k_cache, v_cache, meta, scale)
+    if meta.max_query_len == 1:
+        return kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    return kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                     meta.query_start_loc, meta.max_query_len, scale)

@@ -1,10 +1,16 @@
 """RMSNorm, alone or fused with the residual add that precedes it."""
 import torch
 
+from chitu.ops import triton as triton_ops
 from chitu.ops.torch_ref import norm as ref
+
+if triton_ops.AVAILABLE:
+    from chitu.ops.triton import norm as kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if triton_ops.enabled(x):
+        return kernels.rms_norm(x, weight, eps)
     return ref.rms_norm(x, weight, eps)
 
 
@@ -12,4 +18,6 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual)."""
+    if triton_ops.enabled(x):
+        return kernels.add_rms_norm(x, residual, weight, eps)
     return ref.add_rms_norm(x, residual, weight, eps)

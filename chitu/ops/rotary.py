@@ -1,8 +1,14 @@
 """Rotary position embedding, neox (halves) or interleaved (pairs) style, optionally partial."""
 import torch
 
+from chitu.ops import triton as triton_ops
 from chitu.ops.torch_ref import rotary as ref
+
+if triton_ops.AVAILABLE:
+    from chitu.ops.triton import rotary as kernels
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if triton_ops.enabled(x):
+        return kernels.apply_rotary(x, cos, sin, interleaved)
     return ref.apply_rotary(x, cos, sin, interleaved)

@@ -1,0 +1,205 @@
+"""GPU speed of the whole engine on full-size shapes with random bf16 weights, beside the machine's own
+ceilings and transformers, all measured in this one run.
+
+    python benchmarks/bench_gpu.py [--quick]
+
+For Llama-3.1-8B and Qwen3-8B shapes: decode tokens/s at batch 1, 16, 64, 256 (128 prompt tokens,
+256 output tokens, EOS ignored, greedy), a 2048-token prefill, and the host time per decode step at
+batch 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate.
+transformers: generate() with a static cache on the Llama shape at the same batch sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+import transformers
+
+from chitu.config import compose_config
+from chitu.engine.engine import LLMEngine
+from chitu.engine.sampling_params import SamplingParams
+from chitu.models.registry import build_model
+
+SHAPES = {
+    "Llama-3.1-8B": transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"],
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "Qwen3-8B": transformers.Qwen3Config(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, architectures=["Qwen3ForCausalLM"],
+        tie_word_embeddings=False),
+}
+PROMPT, OUTPUT, PREFILL = 128, 256, 2048
+BATCHES = [1, 16, 64, 256]
+
+
+def timed(fn, repeat: int = 10) -> float:
+    """Median seconds of fn() on the GPU."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    a = torch.randn(2**30, dtype=torch.bfloat16, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() * a.element_size() / timed(lambda: b.copy_(a))
+
+
+def matmul_rate() -> float:
+    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    return 2 * 8192**3 / timed(lambda: a @ b)
+
+
+def random_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch)).tolist()
+
+
+def chitu_engine(hf_config, max_batch: int) -> LLMEngine:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build_model(hf_config, "hf-llama", PREFILL + 64, torch.bfloat16)
+    for p in model.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    blocks = max_batch * (PROMPT + OUTPUT) // 64 + 64
+    config = compose_config(["device=cuda", f"infer.max_reqs={max_batch}", f"infer.max_seq_len={PREFILL + 64}",
+                             f"infer.num_blocks={blocks}", "infer.use_cuda_graph=True"])
+    return LLMEngine(config, model=model)
+
+
+def chitu_decode(engine: LLMEngine, batch: int) -> tuple[float, float]:
+    """(decode tokens/s over the batch, seconds per decode step)."""
+    params = SamplingParams(max_new_tokens=OUTPUT, temperature=0, stop_with_eos=False)
+    requests = [engine.add_request(p, params) for p in random_prompts(batch, PROMPT, engine.model_config.vocab_size)]
+    while not all(r.output_token_ids for r in requests):
+        engine.step()
+    torch.cuda.synchronize()
+    start, steps = time.perf_counter(), 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    elapsed = time.perf_counter() - start
+    return batch * (OUTPUT - 1) / elapsed, elapsed / steps
+
+
+def chitu_prefill(engine: LLMEngine) -> float:
+    params = SamplingParams(max_new_tokens=1, temperature=0, stop_with_eos=False)
+    prompt = random_prompts(1, PREFILL, engine.model_config.vocab_size)[0]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def graph_replay_seconds(engine: LLMEngine) -> float:
+    """GPU time of the batch-1 decode graph alone: the step minus this is the host's share."""
+    return timed(engine.runner.graphs.graphs[1].replay, repeat=50)
+
+
+def prefill_flops(hf_config, params_without_embedding: int, tokens: int) -> float:
+    layers, heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    attention = 2 * 2 * layers * heads * head_dim * tokens * tokens / 2  # QK^T and PV, causal half
+    return 2 * params_without_embedding * tokens + attention
+
+
+def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict) -> dict:
+    engine = chitu_engine(hf_config, max(batches))
+    model = engine.runner.model
+    total_params = sum(p.numel() for p in model.parameters())
+    body_params = total_params - model.model.embed_tokens.weight.numel()
+    chitu_decode(engine, 2)  # warm-up: compiles the prefill kernels
+    row = {"params_B": total_params / 1e9}
+    for batch in batches:
+        row[f"b{batch}"], row[f"b{batch}_step_ms"] = chitu_decode(engine, batch)
+        row[f"b{batch}_step_ms"] *= 1e3
+    chitu_prefill(engine)
+    row["prefill_s"] = min(chitu_prefill(engine) for _ in range(3))
+    row["prefill_tflops"] = prefill_flops(hf_config, body_params, PREFILL) / row["prefill_s"] / 1e12
+    row["roofline_b1"] = ceilings["copy"] / (total_params * 2)
+    row["graph_ms"] = graph_replay_seconds(engine) * 1e3
+    row["host_ms"] = row["b1_step_ms"] - row["graph_ms"]
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+@torch.inference_mode()
+def hf_decode_rate(model, batch: int, vocab: int, new_tokens: int) -> float:
+    ids = torch.tensor(random_prompts(batch, PROMPT, vocab), device="cuda")
+
+    def generate(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, cache_implementation="static", pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    generate(2)
+    return batch * (new_tokens - 1) / (generate(new_tokens) - generate(1))
+
+
+def bench_transformers(hf_config, batches: list[int], quick: bool) -> dict:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
+    row = {}
+    for batch in batches:
+        new_tokens = 32 if quick or batch == 1 else OUTPUT  # batch 1 is slow eager: a shorter run gives the rate
+        row[f"b{batch}"] = hf_decode_rate(model, batch, hf_config.vocab_size, new_tokens)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one shape, batches 1 and 64")
+    args = parser.parse_args()
+    batches = [1, 64] if args.quick else BATCHES
+    ceilings = {"copy": copy_bandwidth(), "matmul": matmul_rate()}
+    print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {ceilings['matmul'] / 1e12:.0f} TFLOP/s", flush=True)
+    shapes = list(SHAPES)[:1] if args.quick else list(SHAPES)
+    results = {}
+    for name in shapes:
+        results[name] = bench_chitu(name, SHAPES[name], batches, ceilings)
+        print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
+    hf = bench_transformers(SHAPES["Llama-3.1-8B"], batches, args.quick)
+    print("transformers", {k: round(v, 1) for k, v in hf.items()}, flush=True)
+    print(f"\n{'engine / shape':28}" + "".join(f"{'b' + str(b) + ' tok/s':>13}" for b in batches)
+          + f"{'prefill 2k s':>14}{'step b1 ms':>12}{'graph b1 ms':>12}{'host b1 ms':>12}")
+    for name, row in results.items():
+        print(f"{'chitu ' + name:28}" + "".join(f"{row[f'b{b}']:>13.1f}" for b in batches)
+              + f"{row['prefill_s']:>14.4f}{row['b1_step_ms']:>12.2f}{row['graph_ms']:>12.2f}{row['host_ms']:>12.2f}")
+    print(f"{'transformers Llama-3.1-8B':28}" + "".join(f"{hf[f'b{b}']:>13.1f}" for b in batches))
+    for name, row in results.items():
+        print(f"\n{name}: batch 1 {row['b1']:.1f} tok/s = {row['b1'] / row['roofline_b1']:.1%} of the "
+              f"{row['roofline_b1']:.0f} tok/s roofline ({row['params_B']:.2f}B bf16 params at the measured copy rate); "
+              f"2048-token prefill {row['prefill_tflops']:.0f} TFLOP/s = {row['prefill_tflops'] * 1e12 / ceilings['matmul']:.1%} "
+              f"of the matmul rate; host {row['host_ms']:.2f} ms vs GPU {row['graph_ms']:.2f} ms per batch-1 step")
+    llama = results["Llama-3.1-8B"]
+    print(f"Llama-3.1-8B batch 64: chitu {llama['b64']:.0f} tok/s = {llama['b64'] / hf['b64']:.2f}x transformers' "
+          f"static cache ({hf['b64']:.0f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()

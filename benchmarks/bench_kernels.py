@@ -1,0 +1,137 @@
+"""Each Triton kernel against its torch reference at realistic shapes (bf16, one CUDA GPU).
+
+    python benchmarks/bench_kernels.py
+
+Times are medians of triton.testing.do_bench (which flushes L2 between runs). GB/s counts each input
+read once and each output written once, set beside the bandwidth of a large device-to-device copy
+measured in the same run (bytes read + written); prefill attention reports TFLOP/s instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from chitu.ops.attention_metadata import AttentionMetadata
+from chitu.ops.torch_ref import activation as ref_activation
+from chitu.ops.torch_ref import attention as ref_attention
+from chitu.ops.torch_ref import norm as ref_norm
+from chitu.ops.torch_ref import rotary as ref_rotary
+from chitu.ops.triton import activation, attention, norm, rotary
+
+DTYPE = torch.bfloat16
+TOKENS = 8192  # a large prefill step
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128  # Llama-3-8B
+BLOCK_SIZE = 64
+
+
+@dataclass
+class Case:
+    kernel: str
+    shape: str
+    triton_fn: Callable[[], object]
+    torch_fn: Callable[[], object]
+    bytes_moved: int = 0  # the fewest bytes moved; 0 when compute-bound
+    flops: int = 0
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def randn(*shape: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device="cuda")
+
+
+def copy_gbps() -> float:
+    src = randn(1 << 29)  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def elementwise_cases() -> list[Case]:
+    x, residual, weight = randn(TOKENS, HIDDEN), randn(TOKENS, HIDDEN), randn(HIDDEN)
+    qkv = randn(TOKENS, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    q = qkv[:, : HEADS * HEAD_DIM].view(TOKENS, HEADS, HEAD_DIM)
+    head_weight = randn(HEAD_DIM)
+    angles = torch.rand(TOKENS, HEAD_DIM // 2, device="cuda") * 1000
+    cos, sin = angles.cos(), angles.sin()
+    cos_half, sin_half = cos[:, : HEAD_DIM // 4].contiguous(), sin[:, : HEAD_DIM // 4].contiguous()
+    gate_up = randn(TOKENS, 2 * INTERMEDIATE)
+    act = x.nbytes
+    q_bytes = q.numel() * q.element_size()
+    return [
+        Case("rms_norm", f"[{TOKENS}, {HIDDEN}]", lambda: norm.rms_norm(x, weight, 1e-6),
+             lambda: ref_norm.rms_norm(x, weight, 1e-6), 2 * act),
+        Case("add_rms_norm", f"[{TOKENS}, {HIDDEN}]", lambda: norm.add_rms_norm(x, residual, weight, 1e-6),
+             lambda: ref_norm.add_rms_norm(x, residual, weight, 1e-6), 4 * act),
+        Case("rms_norm per head (strided q)", f"[{TOKENS}, {HEADS}, {HEAD_DIM}]",
+             lambda: norm.rms_norm(q, head_weight, 1e-6), lambda: ref_norm.rms_norm(q, head_weight, 1e-6),
+             2 * q_bytes),
+        Case("rotary neox (strided q)", f"[{TOKENS}, {HEADS}, {HEAD_DIM}]",
+             lambda: rotary.apply_rotary(q, cos, sin, False), lambda: ref_rotary.apply_rotary(q, cos, sin, False),
+             2 * q_bytes + 2 * cos.nbytes),
+        Case("rotary interleaved, half", f"[{TOKENS}, {HEADS}, {HEAD_DIM}]",
+             lambda: rotary.apply_rotary(q, cos_half, sin_half, True),
+             lambda: ref_rotary.apply_rotary(q, cos_half, sin_half, True), 2 * q_bytes + 2 * cos_half.nbytes),
+        Case("silu_and_mul", f"[{TOKENS}, 2x{INTERMEDIATE}]", lambda: activation.silu_and_mul(gate_up),
+             lambda: ref_activation.silu_and_mul(gate_up), gate_up.nbytes * 3 // 2),
+    ]
+
+
+def paged(query_lens: list[int], context_lens: list[int]):
+    """q, random caches and metadata over shuffled blocks."""
+    blocks = [-(-n // BLOCK_SIZE) for n in context_lens]
+    order = torch.randperm(sum(blocks)).tolist()
+    starts = [sum(blocks[:i]) for i in range(len(blocks))]
+    tables = [order[s: s + n] for s, n in zip(starts, blocks)]
+    k_cache = randn(sum(blocks), BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    v_cache = randn(sum(blocks), BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, "cuda")
+    return randn(sum(query_lens), HEADS, HEAD_DIM), k_cache, v_cache, meta
+
+
+def decode_case(batch: int, context: int) -> Case:
+    q, k_cache, v_cache, meta = paged([1] * batch, [context] * batch)
+    scale = HEAD_DIM**-0.5
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    return Case("decode attention", f"B={batch} ctx={context} H={HEADS}/{KV_HEADS} d={HEAD_DIM}",
+                lambda: attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale),
+                lambda: ref_attention.paged_attention(q, k_cache, v_cache, meta, scale), kv_bytes + 2 * q.nbytes)
+
+
+def prefill_case(query_lens: list[int], context_lens: list[int]) -> Case:
+    q, k_cache, v_cache, meta = paged(query_lens, context_lens)
+    scale = HEAD_DIM**-0.5
+    # q·k and p·v over the visible (causal) pairs only
+    pairs = sum(q_len * (ctx - q_len) + q_len * (q_len + 1) // 2 for q_len, ctx in zip(query_lens, context_lens))
+    return Case("prefill attention", f"q={query_lens} ctx={context_lens}",
+                lambda: attention.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                    meta.query_start_loc, meta.max_query_len, scale),
+                lambda: ref_attention.paged_attention(q, k_cache, v_cache, meta, scale),
+                flops=4 * pairs * HEADS * HEAD_DIM)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    copy = copy_gbps()
+    cases = elementwise_cases() + [decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768),
+                                   decode_case(1, 8192), prefill_case([2048], [2048]),
+                                   prefill_case([512] * 4, [2048] * 4)]
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write)")
+    print(f"{'kernel':<30} {'shape':<40} {'triton µs':>10} {'torch µs':>10} {'speedup':>8}  achieved")
+    for case in cases:
+        ms, ref_ms = median_ms(case.triton_fn), median_ms(case.torch_fn)
+        if case.bytes_moved:
+            gbps = case.bytes_moved / ms / 1e6
+            achieved = f"{gbps:.0f} GB/s ({gbps / copy:.0%} of copy)"
+        else:
+            achieved = f"{case.flops / ms / 1e9:.0f} TFLOP/s"
+        print(f"{case.kernel:<30} {case.shape:<40} {ms * 1e3:>10.1f} {ref_ms * 1e3:>10.1f} "
+              f"{ref_ms / ms:>7.1f}x  {achieved}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The Triton kernels against their torch references, on random inputs of awkward sizes (GPU only).
+
+Every output is allocated NaN-poisoned and handed to the kernel, so an element it fails to write shows.
+Paged-attention caches are NaN everywhere but the slots of the sequences' contexts, so a kernel that
+reads past a context (or through a padding entry of a block table) shows too."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("the Triton kernels need a CUDA device", allow_module_level=True)
+
+from chitu.ops import attention as attention_ops  # noqa: E402
+from chitu.ops.attention_metadata import AttentionMetadata  # noqa: E402
+from chitu.ops.torch_ref import activation as ref_activation  # noqa: E402
+from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
+from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
+from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, norm, rotary  # noqa: E402
+
+DEVICE = "cuda"
+DTYPES = [torch.bfloat16, torch.float16]
+# normwise relative error: elementwise kernels differ from the reference by a rounding flip here and
+# there; attention (against an fp32 reference) also rounds its probabilities to the input dtype
+ELEMENTWISE_TOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3}
+ATTENTION_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def poisoned(shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def randn(*shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+
+def assert_close(out: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    assert not out.isnan().any(), "NaN in the output: an element was not written, or a masked value leaked"
+    error = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert error < tol, f"relative error {error:.2e} over {tol:.0e}"
+
+
+# ---- RMSNorm
+
+NORM_SHAPES = [(1, 4096), (7, 5120), (33, 576), (129, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,width", NORM_SHAPES)
+def test_rms_norm(dtype, tokens, width):
+    x, weight = 3 * randn(tokens, width, dtype=dtype), randn(width, dtype=dtype)
+    out = norm.rms_norm(x, weight, 1e-6, out=poisoned(x.shape, dtype))
+    assert_close(out, ref_norm.rms_norm(x, weight, 1e-6), ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,width", NORM_SHAPES)
+def test_add_rms_norm(dtype, tokens, width):
+    x, residual = randn(tokens, width, dtype=dtype), 4 * randn(tokens, width, dtype=dtype)
+    weight = randn(width, dtype=dtype)
+    out, summed = norm.add_rms_norm(x, residual, weight, 1e-5, out=poisoned(x.shape, dtype),
+                                    residual_out=poisoned(x.shape, dtype))
+    expected_out, expected_sum = ref_norm.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(summed, expected_sum)
+    assert_close(out, expected_out, ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(9, 8, 2, 128), (1, 5, 1, 64), (65, 3, 3, 80)])
+def test_rms_norm_per_head_of_fused_qkv(dtype, tokens, heads, kv_heads, head_dim):
+    """Qwen3's q/k norm: strided [T, heads, head_dim] views into the fused qkv projection."""
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim: (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    weight = randn(head_dim, dtype=dtype)
+    for x in (q, k):
+        out = norm.rms_norm(x, weight, 1e-6, out=poisoned(x.shape, dtype))
+        assert_close(out, ref_norm.rms_norm(x, weight, 1e-6), ELEMENTWISE_TOL[dtype])
+
+
+# ---- rotary
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(128, 128), (64, 64), (128, 64), (80, 40)])
+def test_apply_rotary_matches_reference_bitwise(dtype, interleaved, head_dim, rotary_dim):
+    """Same rounding as the reference (cos/sin and each product rounded to x's dtype): equal bits."""
+    tokens, heads = 37, 19
+    x = randn(tokens, (heads + 3) * head_dim, dtype=dtype)[:, : heads * head_dim].view(tokens, heads, head_dim)
+    positions = torch.randint(0, 8192, (tokens,), device=DEVICE)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, device=DEVICE).float() / rotary_dim)
+    angles = positions[:, None].float() * inv_freq
+    cos, sin = angles.cos(), angles.sin()
+    out = rotary.apply_rotary(x, cos, sin, interleaved, out=poisoned(x.shape, dtype))
+    assert torch.equal(out, ref_rotary.apply_rotary(x, cos, sin, interleaved))
+
+
+# ---- silu_and_mul
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,width", [(1, 128), (7, 1001), (130, 14336)])
+def test_silu_and_mul(dtype, tokens, width):
+    x = 3 * randn(tokens, 2 * width, dtype=dtype)
+    out = activation.silu_and_mul(x, out=poisoned((tokens, width), dtype))
+    assert_close(out, ref_activation.silu_and_mul(x), ELEMENTWISE_TOL[dtype])
+
+
+# ---- paged attention
+
+def paged_case(query_lens: list[int], context_lens: list[int], heads: int, kv_heads: int, head_dim: int,
+               block_size: int, dtype: torch.dtype, extra_table_width: int = 0):
+    """q, caches and metadata over scattered blocks; cache slots outside every context hold NaN."""
+    blocks = [-(-n // block_size) for n in context_lens]
+    num_blocks = sum(blocks) + 5
+    order = torch.randperm(num_blocks).tolist()
+    starts = [sum(blocks[:i]) for i in range(len(blocks))]
+    tables = [order[s: s + n] + [0] * extra_table_width for s, n in zip(starts, blocks)]
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = poisoned(shape, dtype), poisoned(shape, dtype)
+    every_token = AttentionMetadata.build(context_lens, context_lens, tables, block_size, DEVICE)
+    tokens = sum(context_lens)
+    ref_attention.store_kv(randn(tokens, kv_heads, head_dim, dtype=dtype), randn(tokens, kv_heads, head_dim, dtype=dtype),
+                           k_cache, v_cache, every_token.slot_mapping)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, DEVICE)
+    return randn(sum(query_lens), heads, head_dim, dtype=dtype), k_cache, v_cache, meta
+
+
+def fp32_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The reference in fp32; it needs the slots outside the contexts finite (they get weight 0)."""
+    return ref_attention.paged_attention(q.float(), k_cache.nan_to_num().float(), v_cache.nan_to_num().float(),
+                                         meta, scale)
+
+
+HEAD_CONFIGS = [(8, 8, 64), (16, 4, 128), (32, 4, 128), (12, 2, 96)]  # (heads, kv_heads, head_dim): groups 1/4/8/6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", HEAD_CONFIGS)
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+def test_decode_attention(dtype, heads, kv_heads, head_dim, block_size):
+    context_lens = [1, 17, 64, 200, 1000, 2999, 129]
+    q, k_cache, v_cache, meta = paged_case([1] * len(context_lens), context_lens, heads, kv_heads, head_dim,
+                                           block_size, dtype, extra_table_width=3)
+    scale = head_dim**-0.5
+    out = attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                     out=poisoned(q.shape, dtype))
+    assert_close(out, fp32_reference(q, k_cache, v_cache, meta, scale), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_long_contexts(dtype):
+    context_lens = [20000, 1, 5003, 33333]
+    q, k_cache, v_cache, meta = paged_case([1] * 4, context_lens, 32, 8, 128, 64, dtype)
+    out = attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 128**-0.5,
+                                     out=poisoned(q.shape, dtype))
+    assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])
+
+
+def test_decode_attention_cuda_graph_replay():
+    """Captured once, replayed with new queries, context lengths and block tables: same as eager."""
+    batch, heads, kv_heads, head_dim, block_size, width = 5, 16, 4, 128, 16, 64
+    dtype, scale = torch.bfloat16, head_dim**-0.5
+    num_blocks = batch * width + 1
+    k_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+
+    def tables() -> list[list[int]]:
+        return torch.randperm(num_blocks)[: batch * width].view(batch, width).tolist()
+
+    meta = AttentionMetadata.build([1] * batch, [5, 100, 1, 1024, 333], tables(), block_size, DEVICE)
+    q = randn(batch, heads, head_dim, dtype=dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        attention_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+
+    for context_lens in ([5, 100, 1, 1024, 333], [1024, 3, 777, 64, 1]):
+        new = AttentionMetadata.build([1] * batch, context_lens, tables(), block_size, DEVICE)
+        meta.context_lens.copy_(new.context_lens)
+        meta.block_tables.copy_(new.block_tables)
+        q.copy_(randn(batch, heads, head_dim, dtype=dtype))
+        graph.replay()
+        eager = attention_ops.paged_attention(q, k_cache, v_cache, new, scale)
+        assert torch.equal(captured, eager)
+        assert_close(captured, fp32_reference(q, k_cache, v_cache, new, scale), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", HEAD_CONFIGS)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_prefill_attention(dtype, heads, kv_heads, head_dim, block_size):
+    """Fresh prompts, prompts after a cached prefix, and one-token queries in one flat batch."""
+    query_lens = [1, 37, 100, 1, 129, 513]
+    context_lens = [1, 37, 300, 77, 129, 1000]
+    q, k_cache, v_cache, meta = paged_case(query_lens, context_lens, heads, kv_heads, head_dim, block_size, dtype,
+                                           extra_table_width=2)
+    scale = head_dim**-0.5
+    out = attention.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                      meta.query_start_loc, meta.max_query_len, scale, out=poisoned(q.shape, dtype))
+    assert_close(out, fp32_reference(q, k_cache, v_cache, meta, scale), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_dispatch_long_prompt(dtype):
+    """A 2048-token prompt after a 300-token cached prefix, through the dispatcher, block size 256."""
+    q, k_cache, v_cache, meta = paged_case([2048, 5], [2348, 5], 32, 8, 128, 256, dtype)
+    out = attention_ops.paged_attention(q, k_cache, v_cache, meta, 128**-0.5)
+    assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])
