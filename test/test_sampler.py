@@ -137,9 +137,12 @@ def test_apply_penalties_changes_only_the_generated_tokens():
     assert torch.equal(logits, torch.zeros(2, 6))  # the input is left alone
 
 
-def test_no_penalty_skips_the_output_tokens():
-    batch = make_batch([RowParams(temperature=1.0, top_p=1.0, top_k=-1)], [[1, 2, 3]])
-    assert batch.output_tokens.shape == (1, 0)
+def test_batch_copies_only_what_it_uses():
+    sampled = make_batch([RowParams(temperature=1.0, top_p=1.0, top_k=-1)], [[1, 2, 3]])
+    assert sampled.output_tokens is None and sampled.frequency_penalty is None
+    assert sampled.temperature is not None
+    greedy = make_batch([RowParams(temperature=0.0, top_p=1.0, top_k=-1)], [[1, 2, 3]])
+    assert greedy.all_greedy and greedy.temperature is None and greedy.top_k is None
 
 
 @pytest.mark.parametrize("field, flips", [("frequency_penalty", 1.0), ("presence_penalty", 2.0)])

@@ -25,20 +25,28 @@ class DecodeGraphs:
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.buckets = batch_buckets(max_batch)
-
-        def ints(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.int64, device=device)
-
-        self.token_ids = ints(max_batch)
+        # All integer inputs live in one buffer, filled on the host (pinned) and copied over in one go.
+        size = 4 * max_batch + max_batch * max_blocks_per_seq
+        self.host_inputs = torch.zeros(size, dtype=torch.int64).pin_memory()
+        self.device_inputs = torch.zeros(size, dtype=torch.int64, device=device)
+        self.host = self._views(self.host_inputs, max_batch, max_blocks_per_seq)
+        token_ids, positions, slots, context_lens, tables = self._views(self.device_inputs, max_batch, max_blocks_per_seq)
+        self.token_ids = token_ids
         self.meta = AttentionMetadata(
-            positions=ints(max_batch), slot_mapping=ints(max_batch),
-            block_tables=ints(max_batch, max_blocks_per_seq), context_lens=ints(max_batch),
+            positions=positions, slot_mapping=slots, block_tables=tables, context_lens=context_lens,
             query_start_loc=torch.arange(max_batch + 1, device=device), token_seq_index=torch.arange(max_batch, device=device),
-            token_query_index=ints(max_batch), max_query_len=1, max_context_len=max_blocks_per_seq * block_size,
+            token_query_index=torch.zeros(max_batch, dtype=torch.int64, device=device),
+            max_query_len=1, max_context_len=max_blocks_per_seq * block_size,
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture_all()
+
+    @staticmethod
+    def _views(buffer: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, ...]:
+        """token ids, positions, slots, context lengths [rows] and block tables [rows, width]."""
+        vectors = buffer[: 4 * rows].view(4, rows)
+        return (*vectors.unbind(0), buffer[4 * rows:].view(rows, width))
 
     def _meta_view(self, bs: int) -> AttentionMetadata:
         m = self.meta
@@ -54,7 +62,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        self._fill_padding(0)
+        self._pad_rows(0, len(self.host[0]))
+        self.device_inputs.copy_(self.host_inputs)
         pool = None
         for bs in reversed(self.buckets):  # largest first, so the smaller graphs reuse its memory pool
             self._forward(bs)  # warm-up: compiles kernels outside the capture
@@ -69,29 +78,31 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def _fill_padding(self, start: int) -> None:
-        """Rows from `start` on: one token at position 0 of the scratch block."""
-        scratch = self.scratch_block
-        self.token_ids[start:] = 0
-        self.meta.positions[start:] = 0
-        self.meta.slot_mapping[start:] = scratch * self.block_size
-        self.meta.block_tables[start:] = scratch
-        self.meta.context_lens[start:] = 1
+    def _pad_rows(self, start: int, end: int) -> None:
+        """Host rows [start, end): one token at position 0 of the scratch block."""
+        token_ids, positions, slots, context_lens, tables = self.host
+        token_ids[start:end] = 0
+        positions[start:end] = 0
+        slots[start:end] = self.scratch_block * self.block_size
+        context_lens[start:end] = 1
+        tables[start:end] = self.scratch_block
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits [batch, vocab] of one decode step: each sequence's newest token at `positions`."""
         batch = len(token_ids)
         bs = self.bucket_for(batch)
-        width = self.meta.block_tables.shape[1]
-        tables = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in block_tables])
+        host_tokens, host_positions, host_slots, host_context_lens, host_tables = self.host
+        width = host_tables.shape[1]
+        host_tokens[:batch] = torch.tensor(token_ids)
         pos = torch.tensor(positions)
-        slots = tables.gather(1, (pos // self.block_size)[:, None]).squeeze(1) * self.block_size + pos % self.block_size
-        self.token_ids[:batch].copy_(torch.tensor(token_ids), non_blocking=True)
-        self.meta.positions[:batch].copy_(pos, non_blocking=True)
-        self.meta.context_lens[:batch].copy_(pos + 1, non_blocking=True)
-        self.meta.slot_mapping[:batch].copy_(slots, non_blocking=True)
-        self.meta.block_tables[:batch].copy_(tables, non_blocking=True)
-        self._fill_padding(batch)
+        host_positions[:batch] = pos
+        host_context_lens[:batch] = pos + 1
+        host_tables[:batch] = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in block_tables])
+        block_of_pos = host_tables[:batch].gather(1, (pos // self.block_size)[:, None]).squeeze(1)
+        host_slots[:batch] = block_of_pos * self.block_size + pos % self.block_size
+        self._pad_rows(batch, bs)
+        # the previous step's copy has finished: the engine read its sampled tokens back before this step
+        self.device_inputs.copy_(self.host_inputs, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:batch]

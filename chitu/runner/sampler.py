@@ -37,12 +37,13 @@ class RowParams:
 class SamplingBatch:
     """One row per request in the step; all tensors on the logits' device."""
 
-    temperature: torch.Tensor        # [B] float32; 0 means greedy
-    top_p: torch.Tensor              # [B] float32 in (0, 1]
-    top_k: torch.Tensor              # [B] int64; -1 or 0 = disabled
-    frequency_penalty: torch.Tensor  # [B] float32
-    presence_penalty: torch.Tensor   # [B] float32
-    output_tokens: torch.Tensor      # [B, L] int64, generated tokens padded with -1 (L may be 0)
+    # Tensors the batch does not need are None: no copies to the device for an all-greedy batch.
+    temperature: torch.Tensor | None        # [B] float32; 0 means greedy
+    top_p: torch.Tensor | None              # [B] float32 in (0, 1]
+    top_k: torch.Tensor | None              # [B] int64; -1 or 0 = disabled
+    frequency_penalty: torch.Tensor | None  # [B] float32
+    presence_penalty: torch.Tensor | None   # [B] float32
+    output_tokens: torch.Tensor | None      # [B, L] int64, generated tokens padded with -1
     generators: list[torch.Generator | None]
     num_top_logprobs: int            # max over the batch of requested top_logprobs
     need_logprobs: bool
@@ -53,21 +54,20 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[RowParams], output_tokens: list[list[int]],
               device: torch.device | str) -> SamplingBatch:
-        """Batch the rows' settings; output_tokens is only copied over when some row has a penalty."""
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
+        """Batch the rows' settings, copying to the device only what the batch uses."""
         sampled = [p for p in params if not p.is_greedy]
-        if not any(p.has_penalty for p in params):
-            output_tokens = [[] for _ in params]
+        penalised = any(p.has_penalty for p in params)
+
+        def tensor(field: str, dtype: torch.dtype, needed: bool) -> torch.Tensor | None:
+            return torch.tensor([getattr(p, field) for p in params], dtype=dtype, device=device) if needed else None
+
         return cls(
-            temperature=tensor([p.temperature for p in params], torch.float32),
-            top_p=tensor([p.top_p for p in params], torch.float32),
-            top_k=tensor([p.top_k for p in params], torch.int64),
-            frequency_penalty=tensor([p.frequency_penalty for p in params], torch.float32),
-            presence_penalty=tensor([p.presence_penalty for p in params], torch.float32),
-            output_tokens=_pad(output_tokens).to(device),
+            temperature=tensor("temperature", torch.float32, bool(sampled)),
+            top_p=tensor("top_p", torch.float32, bool(sampled)),
+            top_k=tensor("top_k", torch.int64, bool(sampled)),
+            frequency_penalty=tensor("frequency_penalty", torch.float32, penalised),
+            presence_penalty=tensor("presence_penalty", torch.float32, penalised),
+            output_tokens=_pad(output_tokens).to(device) if penalised else None,
             generators=[p.generator for p in params],
             num_top_logprobs=max((p.top_logprobs for p in params), default=0),
             need_logprobs=any(p.logprobs or p.top_logprobs for p in params),
@@ -105,7 +105,7 @@ class Sampler(nn.Module):
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """OpenAI frequency and presence penalties over each row's generated tokens; returns a new tensor."""
-    if batch.output_tokens.shape[1] == 0:
+    if batch.output_tokens is None or batch.output_tokens.shape[1] == 0:
         return logits
     vocab_size = logits.shape[-1]
     # The -1 padding is counted in a spare column past the vocabulary, then dropped.
