@@ -56,6 +56,18 @@ def test_seeded_row_repeats_whatever_the_batch():
             assert sample(logits, params).token_ids[2].item() == alone[seed]
 
 
+def test_seeded_top_k_row_is_the_same_with_partial_topk_or_full_sort():
+    logits = random_logits(2)
+    for seed in range(10):
+        top_k_row = dict(temperature=1.0, top_p=0.9, top_k=7, generator=torch.Generator().manual_seed(seed))
+        alone = sample(logits[:1], [RowParams(**top_k_row)])  # candidates: a topk of 7
+        top_k_row["generator"] = torch.Generator().manual_seed(seed)
+        with_unfiltered = sample(logits, [RowParams(**top_k_row), RowParams(temperature=1.0, top_p=0.5, top_k=-1)])
+        assert make_batch([RowParams(**top_k_row)]).candidate_count == 7
+        assert alone.token_ids[0] == with_unfiltered.token_ids[0]  # the second row forces a full sort
+        assert alone.token_ids[0] in logits[0].topk(7).indices
+
+
 def test_seeded_rows_give_the_same_sequence_across_runs():
     logits = random_logits(1)
 

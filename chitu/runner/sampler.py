@@ -50,6 +50,7 @@ class SamplingBatch:
     # Host-side facts, so the hot path can skip work without reading the tensors back (a device sync).
     all_greedy: bool = False
     needs_top_k_top_p: bool = True
+    candidate_count: int = 0  # the largest top_k when every sampled row has one, else 0 (the whole vocabulary)
 
     @classmethod
     def build(cls, params: list[RowParams], output_tokens: list[list[int]],
@@ -73,6 +74,7 @@ class SamplingBatch:
             need_logprobs=any(p.logprobs or p.top_logprobs for p in params),
             all_greedy=not sampled,
             needs_top_k_top_p=any(p.filters for p in sampled),
+            candidate_count=max(p.top_k for p in sampled) if sampled and all(p.top_k > 0 for p in sampled) else 0,
         )
 
 
@@ -121,34 +123,45 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """A token per row drawn from softmax(logits / T) after top-k and top-p; greedy rows get junk."""
     temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
     logits = logits / temperature[:, None]
-    if batch.needs_top_k_top_p:
-        logits = logits.masked_fill(_top_k_top_p_mask(logits, batch), float("-inf"))
-    return _exponential_race(logits.softmax(dim=-1), batch.generators)
-
-
-def _top_k_top_p_mask(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """True where a token falls outside the row's top k, or outside its nucleus of mass top_p."""
+    if not batch.needs_top_k_top_p:
+        return _exponential_race(logits.softmax(dim=-1), batch.generators)
+    # Only the best `candidate_count` tokens can survive top-k: a partial topk instead of a full sort.
     vocab_size = logits.shape[-1]
-    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-    top_k = torch.where(batch.top_k > 0, batch.top_k, vocab_size)
-    ranks = torch.arange(vocab_size, device=logits.device)
-    sorted_mask = ranks[None, :] >= top_k[:, None]
+    if 0 < batch.candidate_count < vocab_size:
+        values, ids = logits.topk(batch.candidate_count, dim=-1)
+    else:
+        values, ids = logits.sort(dim=-1, descending=True)
+    values = values.masked_fill(_top_k_top_p_mask(values, batch), float("-inf"))
+    choice = _exponential_race(values.softmax(dim=-1), batch.generators, ids, vocab_size)
+    return ids.gather(1, choice[:, None]).squeeze(1)
+
+
+def _top_k_top_p_mask(sorted_logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """True where a candidate (sorted, most likely first) falls outside the row's top k, or outside its
+    nucleus of mass top_p."""
+    width = sorted_logits.shape[-1]
+    top_k = torch.where(batch.top_k > 0, batch.top_k, width)
+    ranks = torch.arange(width, device=sorted_logits.device)
+    mask = ranks[None, :] >= top_k[:, None]
     # Top-p works on the distribution renormalised over the top k, and keeps a token while the mass
     # ranked above it is still short of top_p, so the most likely token always stays.
-    sorted_probs = sorted_logits.masked_fill(sorted_mask, float("-inf")).softmax(dim=-1)
+    sorted_probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
     mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
     # top_p == 1 must keep everything, even where rounding pushes the cumulative sum to 1 early.
-    sorted_mask |= (mass_above >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1)
-    return torch.empty_like(sorted_mask).scatter_(1, sorted_ids, sorted_mask)
+    return mask | ((mass_above >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1))
 
 
-def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, without multinomial's host sync."""
+def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None],
+                      candidate_ids: torch.Tensor | None = None, vocab_size: int = 0) -> torch.Tensor:
+    """argmax(p / E) with E ~ Exp(1) picks index i with probability p_i, without multinomial's host sync.
+    With `candidate_ids`, probs[:, i] belongs to token candidate_ids[:, i]."""
     noise = torch.empty_like(probs).exponential_()
-    # Seeded rows redraw their own noise, so their tokens do not depend on the rest of the batch.
+    # Seeded rows draw noise for the whole vocabulary from their own generator and pick their tokens'
+    # entries, so their choices depend neither on the rest of the batch nor on how many candidates it kept.
     for row, generator in enumerate(generators):
         if generator is not None:
-            noise[row].exponential_(generator=generator)
+            row_noise = torch.empty(vocab_size or probs.shape[-1], device=probs.device).exponential_(generator=generator)
+            noise[row] = row_noise if candidate_ids is None else row_noise[candidate_ids[row]]
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
 

@@ -1,4 +1,4 @@
-"""The FastAPI app: the OpenAI routes, /health and /metrics. The engine thread lives as long as the app."""
+"""The FastAPI app: the OpenAI routes, /health and /metrics."""
 from __future__ import annotations
 
 import logging
@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from chitu.config.schema import ChituConfig
-from chitu.engine.engine import LLMEngine, RequestRejected
+from chitu.engine.engine import RequestRejected
 from chitu.serve.async_engine import AsyncEngine, EngineStopped
 from chitu.serve.auth import ApiKeys
 from chitu.serve.errors import APIError, error_response, install_error_handlers
@@ -85,15 +85,13 @@ class OpenAIService:
                                             "owned_by": "chitu", "max_model_len": self.engine.max_model_tokens}]}
 
 
-def create_app(engine: LLMEngine, config: ChituConfig) -> FastAPI:
-    metrics = ServeMetrics()
-    async_engine = AsyncEngine(engine, metrics.observe_engine)
+def create_app(async_engine: AsyncEngine, config: ChituConfig, metrics: ServeMetrics) -> FastAPI:
+    """The app over a started engine; the app's shutdown stops the engine."""
     service = OpenAIService(async_engine, config, metrics)
     keys = ApiKeys(config.serve)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
         logger.info("Serving model %s on http://%s:%d (OpenAI API under /v1)",
                     config.models.name, config.serve.host, config.serve.port)
         yield
@@ -124,7 +122,7 @@ def create_app(engine: LLMEngine, config: ChituConfig) -> FastAPI:
     async def health() -> Response:
         if not async_engine.is_alive:
             return error_response(503, "the engine is not running")
-        return Response('{"status":"ok"}', media_type="application/json")
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

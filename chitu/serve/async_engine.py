@@ -1,8 +1,12 @@
 """The engine thread: it alone touches the LLMEngine; asyncio code talks to it through a queue.
 
+The thread also builds the engine: then all torch work of the process happens on one thread,
+which matters on CPUs, where a second thread running ops gets an OpenMP pool of its own and
+the two pools slow each other down (~25% per step on two cores).
+
 Submissions and aborts are commands queued to the thread. It runs them between steps, steps while
-any request is unfinished and sleeps on the queue when idle. Each step's output reaches the
-request's consumer on its event loop through `call_soon_threadsafe`. A failing step costs only the
+any request is unfinished and sleeps on the queue when idle. Each step's outputs reach their
+consumers on the event loop through one `call_soon_threadsafe`. A failing step costs only the
 requests it ran: they get an EngineError and are aborted, and the thread serves everyone else.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,9 +62,9 @@ class RequestStream:
         self._queue: asyncio.Queue[Delta | EngineError] = asyncio.Queue()
         self._abort = abort
 
-    def deliver(self, item: Delta | EngineError) -> None:
-        """Called on the engine thread."""
-        self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+    def put(self, item: Delta | EngineError) -> None:
+        """Called on the stream's event loop (see `deliver`)."""
+        self._queue.put_nowait(item)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -85,9 +90,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, after_step: Callable[[LLMEngine], None] = lambda engine: None):
-        self.engine = engine
-        self.max_model_tokens = engine.max_model_tokens
+    def __init__(self, build: Callable[[], LLMEngine], after_step: Callable[[LLMEngine], None] = lambda engine: None):
+        self.engine: LLMEngine | None = None  # set by the thread; read-only elsewhere
+        self._build = build
+        self._build_error: Exception | None = None
+        self._ready = threading.Event()
         self._after_step = after_step  # runs on the engine thread, e.g. to update gauges
         self._commands: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
@@ -95,7 +102,15 @@ class AsyncEngine:
         self._accepting = True
 
     def start(self) -> None:
+        """Start the thread and wait until it has built the engine; a failed build is raised here."""
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise self._build_error
+
+    @property
+    def max_model_tokens(self) -> int:
+        return self.engine.max_model_tokens
 
     @property
     def is_alive(self) -> bool:
@@ -104,8 +119,8 @@ class AsyncEngine:
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                   priority: int = 0) -> RequestStream:
         """Submit a request; raises what LLMEngine.add_request raises (RequestRejected, ValueError)."""
-        if not self._accepting:
-            raise EngineStopped("the server is shutting down")
+        if not self.is_alive:
+            raise EngineStopped("the engine is not running (the server is shutting down)")
         stream = RequestStream(request_id, len(prompt_token_ids), self.abort)
         accepted = stream.loop.create_future()
         self._commands.put(lambda: self._add(stream, prompt_token_ids, params, priority, accepted))
@@ -128,6 +143,13 @@ class AsyncEngine:
     # Everything below runs on the engine thread.
 
     def _run(self) -> None:
+        try:
+            self.engine = self._build()
+        except Exception as e:
+            self._build_error = e
+            return
+        finally:
+            self._ready.set()
         while self._run_commands(block=not self.engine.has_unfinished()):
             if self.engine.has_unfinished():
                 self._step()
@@ -171,19 +193,34 @@ class AsyncEngine:
             logger.exception("engine step failed; aborting %d request(s)", len(failed))
             self._fail(failed, EngineError(f"the engine failed while running this request: {e.__cause__ or e}"))
             return
+        deliveries = []
         for output in outputs:
             request = output.request
             finish_reason = request.finish_reason if output.finished else None
             stream = self._streams.pop(request.request_id) if finish_reason else self._streams.get(request.request_id)
             if stream is not None:
-                stream.deliver(Delta(output.new_token_ids, output.new_text, output.new_logprobs, finish_reason))
+                deliveries.append((stream, Delta(output.new_token_ids, output.new_text, output.new_logprobs,
+                                                 finish_reason)))
+        deliver(deliveries)
 
     def _fail(self, request_ids: list[str], error: EngineError) -> None:
         for request_id in request_ids:
             self.engine.abort(request_id)
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream.deliver(error)
+        deliver([(self._streams.pop(i), error) for i in request_ids if i in self._streams])
+
+
+def deliver(items: list[tuple[RequestStream, Delta | EngineError]]) -> None:
+    """Hand items to their streams with one wake-up per event loop, not one per stream."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+    for stream, item in items:
+        by_loop[stream.loop].append((stream, item))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[RequestStream, Delta | EngineError]]) -> None:
+    for stream, item in batch:
+        stream.put(item)
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:

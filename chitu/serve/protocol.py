@@ -68,6 +68,13 @@ class GenerationRequest(BaseModel):
     def _nulls_are_defaults(cls, data: Any) -> Any:
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_type(cls, stop: Any) -> Any:
+        if not (isinstance(stop, str) or isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise ValueError("must be a string or a list of strings")
+        return stop
+
     @field_validator("n")
     @classmethod
     def _single_choice(cls, n: int) -> int:
@@ -127,8 +134,21 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[int]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy API: the number of alternatives
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _single_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            raise ValueError("batches of prompts are not supported: send one request per prompt")
+        if not (isinstance(prompt, str) or isinstance(prompt, list) and all(_is_int(t) for t in prompt)):
+            raise ValueError("must be a string or a list of token ids")
+        return prompt
+
     def logprob_settings(self) -> tuple[bool, int]:
         return self.logprobs is not None, self.logprobs or 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_body(body: bytes, model: type[GenerationRequest]) -> GenerationRequest:

@@ -1,0 +1,339 @@
+"""The OpenAI-compatible service, end to end: a real `python -m chitu` process, the official `openai`
+client and plain `requests`. One server for the whole module (SmolLM2-135M, float32 for exact greedy)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import openai
+import pytest
+import requests
+
+from chitu.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_SEQ_LEN = 256
+CHAT = [{"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is machine learning?"}]
+
+
+class ServerProcess:
+    """`python -m chitu` on a free port, logging to `run_dir`; stopped with SIGTERM."""
+
+    def __init__(self, run_dir: Path, *overrides: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = run_dir / "server.log"
+        command = [sys.executable, "-m", "chitu", f"serve.port={port}", "serve.host=127.0.0.1",
+                   f"hydra.run.dir={run_dir}", *overrides]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log()}")
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(0.5)
+        self.process.kill()
+        pytest.fail(f"the server did not get ready in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-5000:]
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    def metrics(self) -> dict[str, float]:
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+@contextlib.contextmanager
+def running_server(run_dir: Path, *overrides: str) -> Iterator[ServerProcess]:
+    """A server for a test module; on exit it must shut down cleanly on SIGTERM."""
+    server = ServerProcess(run_dir, *overrides)
+    try:
+        yield server
+    finally:
+        returncode = server.stop()
+    assert returncode == 0, server.log()
+    assert "Chitu service stopped" in server.log()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory) -> Iterator[ServerProcess]:
+    with running_server(tmp_path_factory.mktemp("serve"), "dtype=float32", f"infer.max_seq_len={MAX_SEQ_LEN}",
+                        "infer.max_reqs=32") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-listed", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path) -> Tokenizer:
+    return Tokenizer(smollm2_path)
+
+
+def sse_events(response: requests.Response) -> Iterator[dict | str]:
+    """The `data:` payloads of an SSE response as they arrive: dicts, and the string "[DONE]"."""
+    for line in response.iter_lines(chunk_size=None):
+        if line.startswith(b"data: "):
+            data = line[len(b"data: "):].decode()
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def eventually(condition, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- the openai client ---------------------------------------------------------------------------
+
+def test_chat_greedy_stream_equals_whole(client, tokenizer):
+    request = dict(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=12, temperature=0,
+                   extra_body={"stop_with_eos": False})
+    whole = client.chat.completions.create(**request)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-2:] == [None, "length"]
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    prompt_tokens = len(tokenizer.apply_chat_template(CHAT))
+    for usage in (whole.usage, chunks[-1].usage):
+        assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+            prompt_tokens, 12, prompt_tokens + 12)
+
+
+def test_chat_stops_at_eos(client):
+    answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0,
+                                            messages=[{"role": "user", "content": "What is 2+2?"}])
+    assert answer.choices[0].finish_reason == "stop" and answer.usage.completion_tokens < 40
+
+
+def test_completions_string_and_token_prompts(client, tokenizer):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8, temperature=0)
+    ids = client.completions.create(model="SmolLM2-135M-Instruct", prompt=tokenizer.encode(prompt), max_tokens=8,
+                                    temperature=0)
+    chunks = list(client.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=8,
+                                            temperature=0, stream=True))
+    assert whole.object == "text_completion" and whole.choices[0].text
+    assert ids.choices[0].text == whole.choices[0].text
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt)) == ids.usage.prompt_tokens
+
+
+def test_chat_logprobs(client):
+    whole = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=5,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+    chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=5,
+                                                 temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert "".join(entry.token for entry in content) == whole.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.bytes == list(entry.token.encode())
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+
+
+def test_completions_logprobs(client):
+    whole = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3,", max_tokens=4,
+                                      temperature=0, logprobs=2)
+    logprobs = whole.choices[0].logprobs
+    assert "".join(logprobs.tokens) == whole.choices[0].text
+    assert len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset) == 4
+    assert logprobs.text_offset[0] == 0 and all(len(top) <= 2 for top in logprobs.top_logprobs)
+
+
+def test_stop_strings(client):
+    free = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=12,
+                                     temperature=0, extra_body={"stop_with_eos": False})
+    stop = free.choices[0].text.strip().split(",")[1] + ","  # a string the greedy answer reaches
+    cut = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=12,
+                                    temperature=0, stop=[stop, "never"])
+    chunks = list(client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=12,
+                                            temperature=0, stop=stop, stream=True))
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == free.choices[0].text[:free.choices[0].text.index(stop)]
+    assert "".join(c.choices[0].text for c in chunks) == cut.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample() -> str:
+        return client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=10,
+                                              temperature=1.0, seed=1234).choices[0].message.content
+    assert sample() == sample()
+
+
+def test_models_health_metrics(client, server):
+    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
+    assert requests.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    metrics = server.metrics()
+    for name in ("chitu_prompt_tokens_total", "chitu_generation_tokens_total", "chitu_num_requests_running",
+                 "chitu_num_requests_waiting", "chitu_kv_cache_usage_ratio", "chitu_time_to_first_token_seconds_count",
+                 "chitu_time_per_output_token_seconds_count", "chitu_e2e_request_latency_seconds_count"):
+        assert name in metrics, name
+    assert metrics['chitu_requests_total{finish_reason="length"}'] >= 1
+
+
+# --- plain requests --------------------------------------------------------------------------------
+
+def test_requests_stream_without_content_type(server):
+    """The manual's `requests.post(stream=True)`; and a body sent without a JSON content type still parses."""
+    body = json.dumps({"messages": CHAT, "max_tokens": 6, "stream": True, "temperature": 0})
+    with requests.post(f"{server.url}/v1/chat/completions", data=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(response))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert "usage" not in chunks[-1]
+
+
+def test_concurrent_streams_all_complete(server):
+    """32 streams at once, each with its exact token count."""
+    lengths = [4 + i % 5 for i in range(32)]
+    results: dict[int, tuple[int, str]] = {}
+
+    def run(i: int) -> None:
+        body = {"prompt": f"Story number {i}:", "max_tokens": lengths[i], "stream": True, "stop_with_eos": False,
+                "stream_options": {"include_usage": True}}
+        with requests.post(f"{server.url}/v1/completions", json=body, stream=True, timeout=300) as response:
+            events = list(sse_events(response))
+        finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]][-1]
+        results[i] = (events[-2]["usage"]["completion_tokens"], finish)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: (lengths[i], "length") for i in range(32)}
+
+
+def test_stream_disconnect_frees_kv_blocks(server):
+    aborted = server.metrics().get('chitu_requests_total{finish_reason="abort"}', 0)
+    body = {"messages": CHAT, "max_tokens": 200, "stream": True, "stop_with_eos": False}
+    response = requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=60)
+    events = sse_events(response)
+    for _ in range(4):
+        next(events)
+    assert server.metrics()["chitu_kv_cache_usage_ratio"] > 0
+    response.close()
+    assert eventually(lambda: server.metrics()["chitu_kv_cache_usage_ratio"] == 0)
+    metrics = server.metrics()
+    assert metrics["chitu_num_requests_running"] == 0
+    assert metrics['chitu_requests_total{finish_reason="abort"}'] == aborted + 1
+
+
+def test_whole_response_client_timeout_aborts(server):
+    aborted = server.metrics().get('chitu_requests_total{finish_reason="abort"}', 0)
+    body = {"messages": CHAT, "max_tokens": 200, "stop_with_eos": False}
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=(5, 0.5))
+    assert eventually(lambda: server.metrics()["chitu_kv_cache_usage_ratio"] == 0)
+    assert server.metrics()['chitu_requests_total{finish_reason="abort"}'] == aborted + 1
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+BAD_CHAT = [
+    ("{not json", 400, None),
+    ("[1, 2]", 400, None),
+    ({"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
+    ({"messages": CHAT, "max_tokens": "10"}, 400, "max_tokens"),
+    ({"messages": CHAT, "stream": "yes"}, 400, "stream"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"max_tokens": 5}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content"),
+    ({"messages": CHAT, "temperature": -0.5}, 400, "temperature"),
+    ({"messages": CHAT, "top_p": 0}, 400, "top_p"),
+    ({"messages": CHAT, "top_p": 1.5}, 400, "top_p"),
+    ({"messages": CHAT, "top_k": -2}, 400, "top_k"),
+    ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": CHAT, "top_logprobs": 2}, 400, None),
+    ({"messages": CHAT, "model": "gpt-4o"}, 400, "model"),
+    ({"messages": CHAT, "n": 2}, 400, "n"),
+    ({"messages": CHAT, "max_tokens": MAX_SEQ_LEN}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_CHAT, ids=[str(i) for i in range(len(BAD_CHAT))])
+def test_bad_chat_requests(server, body, status, param):
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(f"{server.url}/v1/chat/completions", data=data, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_too_long_prompt_message_gives_the_numbers(server):
+    response = requests.post(f"{server.url}/v1/completions", timeout=30,
+                             json={"prompt": [100] * 200, "max_tokens": 100})
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert all(str(n) in message for n in (200, 100, MAX_SEQ_LEN)), message
+
+
+@pytest.mark.parametrize("body,param", [({"prompt": [10**7]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+                                        ({"max_tokens": 3}, "prompt"), ({"prompt": "x", "logprobs": 21}, "logprobs")])
+def test_bad_completion_requests(server, body, param):
+    response = requests.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_wrong_route_and_method(server):
+    missing = requests.post(f"{server.url}/v1/nothing", json={}, timeout=30)
+    wrong_method = requests.get(f"{server.url}/v1/chat/completions", timeout=30)
+    assert missing.status_code == 404 and "error" in missing.json()
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_server_still_answers_after_bad_input(client):
+    answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=3)
+    assert answer.usage.completion_tokens >= 1
