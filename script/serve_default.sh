@@ -10,7 +10,7 @@ until curl -sf "localhost:$PORT/health" >/dev/null; do
     kill -0 "$server" 2>/dev/null || { echo "the service failed to start" >&2; exit 1; }
     sleep 1
 done
-curl "localhost:$PORT/v1/chat/completions" \
+curl -s "localhost:$PORT/v1/chat/completions" \
   -H "Content-Type: application/json" \
   -d '{
     "messages": [
