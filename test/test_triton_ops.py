@@ -16,7 +16,7 @@ from chitu.ops.torch_ref import activation as ref_activation  # noqa: E402
 from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, norm, rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, kv_store, norm, rotary  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16]
@@ -215,3 +215,18 @@ def test_prefill_attention_dispatch_long_prompt(dtype):
     q, k_cache, v_cache, meta = paged_case([2048, 5], [2348, 5], 32, 8, 128, 256, dtype)
     out = attention_ops.paged_attention(q, k_cache, v_cache, meta, 128**-0.5)
     assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, kv_heads, head_dim, block_size", [(1, 8, 128, 64), (37, 2, 64, 16), (300, 4, 96, 256)])
+def test_store_kv_into_pages_of_strided_qkv(dtype, tokens, kv_heads, head_dim, block_size):
+    qkv = randn(tokens, (4 + 2) * kv_heads * head_dim, dtype=dtype)
+    _, k, v = qkv.split([4 * kv_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    num_blocks = tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    caches = [poisoned((num_blocks, block_size, kv_heads, head_dim), dtype) for _ in range(4)]
+    kv_store.store_kv(k, v, caches[0], caches[1], slots)
+    ref_attention.store_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))

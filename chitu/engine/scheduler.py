@@ -86,15 +86,16 @@ class Scheduler:
     def _schedule_decode(self) -> Batch | None:
         scheduled: list[Request] = []
         for request in sorted(self.running, key=Request.schedule_key):
-            if request.status is not RequestStatus.RUNNING or request.num_tokens - request.num_computed_tokens > 1:
+            num_tokens = request.num_tokens
+            if request.status is not RequestStatus.RUNNING or num_tokens - request.num_computed_tokens > 1:
                 continue  # preempted while making room, or a prefill stalled for want of blocks
-            while not self.blocks.can_hold(request, request.num_tokens):
+            while not self.blocks.can_hold(request, num_tokens):
                 victim = self._lowest_ranked()
                 self.preempt(victim)
                 if victim is request:
                     break
             if request.status is RequestStatus.RUNNING:
-                self.blocks.grow(request, request.num_tokens)
+                self.blocks.grow(request, num_tokens)
                 scheduled.append(request)
         if scheduled:
             return Batch(is_prefill=False, requests=scheduled, num_new_tokens=[1] * len(scheduled))

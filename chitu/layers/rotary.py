@@ -45,7 +45,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scaling).to(device), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scaling).to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos[positions], self.sin[positions]
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) rows of the step's positions: gathered once per step, shared by every layer."""
+        return self.cos[positions], self.sin[positions]
+
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope
         return (rotary_ops.apply_rotary(q, cos, sin, self.interleaved),
                 rotary_ops.apply_rotary(k, cos, sin, self.interleaved))

@@ -47,14 +47,14 @@ class SelfAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.out_splits, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(meta.positions, q, k)
+        q, k = self.rotary(rope, q, k)
         out = self.attn(q, k, v, meta)
         return self.o_proj(out.flatten(1))
 
@@ -82,14 +82,14 @@ class DecoderLayer(nn.Module):
         self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps, dtype) if options.sandwich_norm else None
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps, dtype) if options.sandwich_norm else None
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Takes and returns (branch output, residual stream) so each add fuses into the next norm."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, meta)
+        hidden = self.self_attn(hidden, meta, rope)
         if self.post_self_attn_layernorm is not None:
             hidden = self.post_self_attn_layernorm(hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
@@ -103,14 +103,16 @@ class DecoderModel(nn.Module):
     def __init__(self, config: PretrainedConfig, options: DecoderOptions, max_positions: int, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        rotary = RotaryEmbedding(config, head_dim_of(config), max_positions, options.rope_interleaved)
-        self.layers = nn.ModuleList(DecoderLayer(config, options, rotary, dtype) for _ in range(config.num_hidden_layers))
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions, options.rope_interleaved)
+        self.layers = nn.ModuleList(DecoderLayer(config, options, self.rotary, dtype)
+                                    for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden, residual = self.embed_tokens(token_ids), None
+        rope = self.rotary.lookup(meta.positions)
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, meta)
+            hidden, residual = layer(hidden, residual, meta, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -7,11 +7,15 @@ from chitu.ops.torch_ref import attention as ref
 
 if triton_ops.AVAILABLE:
     from chitu.ops.triton import attention as kernels
+    from chitu.ops.triton import kv_store
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    if triton_ops.enabled(k) and k_cache.is_contiguous():
+        kv_store.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -48,7 +48,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], SamplerOutput | None]:
         """Compute the batch; returns the indices of requests that sampled, and their samples."""
-        sampling_rows = [i for i in range(len(batch.requests)) if batch.samples(i)]
+        rows = range(len(batch.requests))
+        sampling_rows = [i for i in rows if batch.samples(i)] if batch.is_prefill else list(rows)
         if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
             logits = self.graphs.run([r.output_token_ids[-1] for r in batch.requests],
                                      [r.num_computed_tokens for r in batch.requests],
