@@ -35,7 +35,7 @@ class GGUFCheckpointReader(CheckpointReader):
             self._config = _load_config(path, has_output=any(t.name == "output.weight" for t in reader.tensors))
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot open GGUF file {path}: {error}") from error
-        self._tensors = self._map_tensors(reader)
+        self._index = self._map_tensors(reader)
 
     def _map_tensors(self, reader: gguf.GGUFReader) -> dict[str, _Tensor]:
         """HF name -> GGUF tensor, through gguf's own name map applied to the HF model's parameter names."""
@@ -70,12 +70,6 @@ class GGUFCheckpointReader(CheckpointReader):
             return getattr(self._config, "num_key_value_heads", None) or n_heads
         return None
 
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._lookup(name).shape
 
@@ -109,12 +103,12 @@ class GGUFCheckpointReader(CheckpointReader):
         return directory, {"gguf_file": file}
 
     def close(self) -> None:
-        self._tensors.clear()  # drops the last references to the memory map
+        self._index.clear()  # drops the last references to the memory map
 
     def _lookup(self, name: str) -> _Tensor:
-        if name not in self._tensors:
+        if name not in self._index:
             raise self._not_found(name)
-        return self._tensors[name]
+        return self._index[name]
 
 
 def _load_config(path: str, has_output: bool) -> PretrainedConfig:

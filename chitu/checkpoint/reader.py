@@ -32,13 +32,14 @@ class CheckpointReader(ABC):
     """Reads tensors one at a time, by HF name and in HF layout, from a checkpoint."""
 
     path: str
+    _index: dict  # HF name -> where the reader finds that tensor
 
-    @abstractmethod
     def names(self) -> list[str]:
         """HF-style tensor names, e.g. "model.layers.0.self_attn.q_proj.weight"."""
+        return list(self._index)
 
-    @abstractmethod
-    def has(self, name: str) -> bool: ...
+    def has(self, name: str) -> bool:
+        return name in self._index
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:

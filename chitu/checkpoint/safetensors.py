@@ -18,7 +18,7 @@ class SafetensorsReader(CheckpointReader):
     def __init__(self, path: str):
         self.path = path
         self._handles = {file: safe_open(file, framework="pt") for file in self._weight_files()}
-        self._file_of = {name: file for file, handle in self._handles.items() for name in handle.keys()}
+        self._index = {name: file for file, handle in self._handles.items() for name in handle.keys()}
 
     def _weight_files(self) -> list[str]:
         """The files named by the index when there is one, else every *.safetensors file."""
@@ -31,12 +31,6 @@ class SafetensorsReader(CheckpointReader):
         if missing:
             raise CheckpointError(f"{INDEX_FILE} in {self.path} names missing files: {', '.join(missing)}")
         return files
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def has(self, name: str) -> bool:
-        return name in self._file_of
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
@@ -67,9 +61,9 @@ class SafetensorsReader(CheckpointReader):
         for handle in self._handles.values():
             handle.__exit__(None, None, None)
         self._handles.clear()
-        self._file_of.clear()
+        self._index.clear()
 
     def _handle(self, name: str):
-        if name not in self._file_of:
+        if name not in self._index:
             raise self._not_found(name)
-        return self._handles[self._file_of[name]]
+        return self._handles[self._index[name]]
