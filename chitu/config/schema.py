@@ -162,16 +162,11 @@ def validate_config(cfg: DictConfig) -> ChituConfig:
         merged = OmegaConf.merge(OmegaConf.structured(ChituConfig), cfg)
         config: ChituConfig = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        raise ConfigError(f"unknown config key '{_full_key(e)}'") from None
+        raise ConfigError(f"unknown config key '{e.full_key or e.key}'") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for config key '{_full_key(e)}': {e.msg}") from None
+        raise ConfigError(f"bad value for config key '{e.full_key or e.key}': {e.msg}") from None
     _check_values(config)
     return config
-
-
-def _full_key(e: OmegaConfBaseException) -> str:
-    key = e.full_key or str(e.key)
-    return key
 
 
 def get_key(config: ChituConfig, dotted: str) -> Any:

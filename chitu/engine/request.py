@@ -49,6 +49,11 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def last_token_id(self) -> int:
+        """The newest known token: a decode step's input (a prompt token when chunked prefill left one)."""
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""
         prompt_len = len(self.prompt_token_ids)

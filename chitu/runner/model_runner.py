@@ -51,7 +51,7 @@ class ModelRunner:
         rows = range(len(batch.requests))
         sampling_rows = [i for i in rows if batch.samples(i)] if batch.is_prefill else list(rows)
         if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
-            logits = self.graphs.run([r.output_token_ids[-1] for r in batch.requests],
+            logits = self.graphs.run([r.last_token_id for r in batch.requests],
                                      [r.num_computed_tokens for r in batch.requests],
                                      [r.block_table for r in batch.requests])
         else:
