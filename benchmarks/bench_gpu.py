@@ -108,7 +108,7 @@ def chitu_prefill(engine: LLMEngine) -> float:
 
 def graph_replay_seconds(engine: LLMEngine) -> float:
     """GPU time of the batch-1 decode graph alone: the step minus this is the host's share."""
-    return timed(engine.runner.graphs.graphs[1].replay, repeat=50)
+    return timed(engine.worker.runner.graphs.graphs[1].replay, repeat=50)
 
 
 def prefill_flops(hf_config, params_without_embedding: int, tokens: int) -> float:
@@ -120,7 +120,7 @@ def prefill_flops(hf_config, params_without_embedding: int, tokens: int) -> floa
 
 def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict) -> dict:
     engine = chitu_engine(hf_config, max(batches))
-    model = engine.runner.model
+    model = engine.worker.runner.model
     total_params = sum(p.numel() for p in model.parameters())
     body_params = total_params - model.model.embed_tokens.weight.numel()
     chitu_decode(engine, 2)  # warm-up: compiles the prefill kernels

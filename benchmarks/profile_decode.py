@@ -26,7 +26,7 @@ def main() -> None:
     chitu_decode(engine, 2)
     for batch in (1, 64):
         rate, step = chitu_decode(engine, batch)
-        graph = engine.runner.graphs.graphs[engine.runner.graphs.bucket_for(batch)]
+        graph = engine.worker.runner.graphs.graphs[engine.worker.runner.graphs.bucket_for(batch)]
         gpu = timed(graph.replay, repeat=30)
         print(f"\nbatch {batch}: {rate:.1f} tok/s, step {step * 1e3:.2f} ms, graph alone {gpu * 1e3:.2f} ms "
               f"(host share {(step - gpu) * 1e3:.2f} ms); prompt {PROMPT}")

@@ -1,6 +1,7 @@
 """The offline API: `LLM(*overrides).generate(prompts, params)` on the same engine the service uses."""
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,11 +24,23 @@ class CompletionOutput:
 
 
 class LLM:
-    """LLM("models.ckpt_dir=/path", "infer.max_reqs=16") — Hydra overrides, as on the command line."""
+    """LLM("models.ckpt_dir=/path", "infer.max_reqs=16") — Hydra overrides, as on the command line.
+
+    Under torchrun with tensor/pipeline parallelism only rank 0 gets past the constructor: the other
+    ranks compute its steps and exit when it calls `close()` (or exits).
+    """
 
     def __init__(self, *overrides: str, config: ChituConfig | None = None):
         self.config = config or compose_config(overrides)
         self.engine = LLMEngine(self.config)
+        if not self.engine.is_driver:
+            self.engine.follow_driver()
+            raise SystemExit(0)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Release the other ranks; the LLM cannot generate afterwards."""
+        self.engine.close()
 
     def default_params(self) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.config.request.max_new_tokens)

@@ -43,7 +43,9 @@ def resolve_cuda_graph(config: ChituConfig, device: torch.device) -> bool:
     setting = config.infer.use_cuda_graph
     if setting is True and device.type != "cuda":
         raise ConfigError("infer.use_cuda_graph=True needs a CUDA device")
-    return device.type == "cuda" if setting == "auto" else setting
+    if setting is True and config.infer.pp_size > 1:
+        raise ConfigError("infer.use_cuda_graph=True is not supported with infer.pp_size > 1 yet: use auto or False")
+    return device.type == "cuda" and config.infer.pp_size == 1 if setting == "auto" else setting
 
 
 def resolve_attention_backend(config: ChituConfig, device: torch.device) -> str:

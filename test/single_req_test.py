@@ -1,6 +1,7 @@
 """Run a batch of requests through the engine without the service; print answers and speed.
 
     torchrun --nproc_per_node 1 test/single_req_test.py request.max_new_tokens=64
+    torchrun --nproc_per_node 2 test/single_req_test.py infer.tp_size=2   (or infer.pp_size=2)
     python test/single_req_test.py request.prompt_tokens_len=128 request.max_new_tokens=64 infer.max_reqs=8
 
 Two rounds of infer.max_reqs requests: the first warms up, both are reported. Logs go to outputs/.
@@ -66,12 +67,16 @@ def run_round(engine: LLMEngine, prompts: list[list[int]], params: SamplingParam
 @hydra_entry
 def main(config: ChituConfig) -> None:
     engine = LLMEngine(config)
+    if not engine.is_driver:
+        engine.follow_driver()
+        return
     synthetic = config.request.prompt_tokens_len > 0
     params = SamplingParams(max_new_tokens=config.request.max_new_tokens, stop_with_eos=not synthetic)
     prompts = make_prompts(engine, config)
     for round_index in range(2):
         logger.info("------ batch %d ------", round_index)
         run_round(engine, prompts, params)
+    engine.close()
 
 
 if __name__ == "__main__":

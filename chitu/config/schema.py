@@ -55,6 +55,7 @@ class InferSection:
     raise_lower_bit_float_to: str = "float8_e4m3fn"
     dp_size: int = 1
     ep_size: int = 1
+    comm_timeout_s: float = 300.0
 
 
 @dataclass
@@ -140,9 +141,6 @@ POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_l
 
 # Keys whose feature is not built yet: a non-default value stops the start instead of being ignored.
 NOT_BUILT: dict[str, tuple[Any, str]] = {
-    "infer.tp_size": (1, "tensor parallelism"),
-    "infer.pp_size": (1, "pipeline parallelism"),
-    "infer.pp_layer_partition": (None, "pipeline parallelism"),
     "infer.dp_size": (1, "data parallelism"),
     "infer.ep_size": (1, "expert parallelism"),
     "infer.cache_type": ("paged", "the dense 'skew' KV cache (use infer.cache_type=paged)"),
@@ -193,6 +191,12 @@ def _check_values(config: ChituConfig) -> None:
     chunk = config.infer.prefill_chunk_size
     if chunk is not None and chunk < config.infer.block_size:
         raise ConfigError(f"infer.prefill_chunk_size={chunk} must be null or >= infer.block_size")
+    if config.infer.comm_timeout_s <= 0:
+        raise ConfigError(f"infer.comm_timeout_s={config.infer.comm_timeout_s} must be positive")
+    pp = config.scheduler.pp_config
+    for key, value in (("prefill_num_tasks", pp.prefill_num_tasks), ("decode_num_tasks", pp.decode_num_tasks)):
+        if value < 1:
+            raise ConfigError(f"scheduler.pp_config.{key}={value} must be a positive integer")
     for key, (default, feature) in NOT_BUILT.items():
         value = get_key(config, key)
         if value != default:

@@ -2,24 +2,24 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from chitu.checkpoint import open_checkpoint
-from chitu.config.schema import ChituConfig, ConfigError
+from chitu.config.schema import ChituConfig
+from chitu.distributed.comm import CommError
+from chitu.distributed.parallel_state import check_world_size
 from chitu.engine.detokenizer import IncrementalDetokenizer
-from chitu.engine.kv_cache import BlockManager, blocks_for
+from chitu.engine.kv_cache import BlockManager
 from chitu.engine.request import Request, TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
-from chitu.engine.scheduler import Batch, Scheduler
-from chitu.models.loader import load_model
-from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
-                            resolve_dtype)
-from chitu.runner.model_runner import ModelRunner
-from chitu.runner.sampler import SamplerOutput
+from chitu.engine.scheduler import Batch, Scheduler, micro_batch_limits
+from chitu.engine.worker import Worker
+from chitu.runner.step_plan import PlanKind, StepPlan, StepResult
 from chitu.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -49,57 +49,59 @@ class StepOutput:
         return self.request.is_finished
 
 
+class EngineDead(RuntimeError):
+    """The engine cannot go on: another rank failed or stopped answering, or ranks fell out of step."""
+
+
+@dataclass
+class InFlight:
+    batch: Batch
+    plan: StepPlan
+    result: StepResult | None  # None until the sampling rank's tokens arrive (pipeline parallelism)
+
+
 class LLMEngine:
     """Loads the configured checkpoint and tokenizer, or takes a ready `model` (random-weight benchmarks);
-    without a tokenizer, prompts must be token ids and outputs carry no text."""
+    without a tokenizer, prompts must be token ids and outputs carry no text.
 
-    def __init__(self, config: ChituConfig, model: nn.Module | None = None, tokenizer: Tokenizer | None = None):
+    `load_tokenizer=False` runs a checkpoint that has no tokenizer (token-id prompts only).
+    Under torchrun every rank builds an LLMEngine; only rank 0's (`is_driver`) schedules and takes
+    requests, the others call `follow_driver()`, which returns when the driver closes.
+    """
+
+    def __init__(self, config: ChituConfig, model: nn.Module | None = None, tokenizer: Tokenizer | None = None,
+                 load_tokenizer: bool = True):
         self.config = config
-        torch.manual_seed(config.infer.seed)
-        self.device = resolve_device(config)
-        attention_backend = resolve_attention_backend(config, self.device)
-        if model is None:
+        check_world_size(config)
+        if tokenizer is None and model is None and load_tokenizer and int(os.environ.get("RANK", "0")) == 0:
             tokenizer = Tokenizer(config.models.tokenizer_location())
-            model = self._load_model()
+        self.worker = Worker(config, model)
+        self.parallel = self.worker.parallel
+        self.device = self.worker.device
+        self.model_config = self.worker.model.config
         self.tokenizer = tokenizer
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset()
-        self.model_config = model.config
-        for attention in model.attention_layers():
-            attention.backend = attention_backend
         infer = config.infer
-        self.runner = ModelRunner(model, self.device, infer.block_size, infer.max_reqs, infer.max_seq_len,
-                                  resolve_cuda_graph(config, self.device))
-        num_blocks = self._num_kv_blocks()
-        self.runner.allocate_kv_cache(num_blocks)
-        self.blocks = BlockManager(num_blocks, infer.block_size)
-        self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size)
+        self.blocks = BlockManager(self.worker.num_blocks, infer.block_size)
+        self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size, *micro_batch_limits(config))
         self.requests: dict[str, Request] = {}
-        logger.info("KV cache: %d blocks of %d tokens; attention: %s; CUDA graphs: %s",
-                    num_blocks, infer.block_size, attention_backend, self.runner.use_cuda_graph)
+        self.in_flight: deque[InFlight] = deque()
+        self._announced: set[str] = set()  # requests whose sampling settings the sampling rank holds
+        self._released: list[str] = []     # announced requests that ended since the last plan
+        self._last_plan_at = time.monotonic()
+        self._closed = False
 
-    def _load_model(self) -> nn.Module:
-        config = self.config
-        reader = open_checkpoint(config.models.checkpoint_path())
+    @property
+    def is_driver(self) -> bool:
+        return self.parallel.is_driver
+
+    def follow_driver(self) -> None:
+        """On ranks other than 0: compute the driver's steps until it shuts down."""
         try:
-            return load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config))
-        finally:
-            reader.close()
-
-    def _num_kv_blocks(self) -> int:
-        infer = self.config.infer
-        if infer.num_blocks > 0:
-            return infer.num_blocks
-        budget = memory_budget(self.device, infer.memory_utilization)
-        if self.device.type == "cuda":
-            budget -= self.runner.profile_activation_bytes(min(infer.prefill_chunk_size or infer.max_seq_len, infer.max_seq_len))
-        affordable = max(budget, 0) // self.runner.kv_block_bytes()
-        needed = blocks_for(infer.max_seq_len, infer.block_size)
-        if affordable < needed:
-            raise ConfigError(
-                f"the KV cache for one request of infer.max_seq_len={infer.max_seq_len} tokens needs {needed} blocks "
-                f"({needed * self.runner.kv_block_bytes() / 2**30:.2f} GiB) but only {affordable} fit in the memory "
-                f"left after the weights: lower infer.max_seq_len or raise infer.memory_utilization")
-        return min(blocks_for(infer.max_reqs * infer.max_seq_len, infer.block_size), affordable)
+            self.worker.follow_driver()
+        except CommError as e:
+            logger.error("%s", e)
+            raise SystemExit(1) from None
 
     @property
     def max_model_tokens(self) -> int:
@@ -113,8 +115,6 @@ class LLMEngine:
         request = Request(request_id or uuid.uuid4().hex, token_ids, params, priority)
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, token_ids)
-        if params.seed is not None:
-            request.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
         return request
@@ -129,45 +129,99 @@ class LLMEngine:
             )
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is not None and not request.is_finished:
-            self.scheduler.finish(request, "abort")
+            self._finish(request, "abort")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self.scheduler.finish(request, reason)
+        self.requests.pop(request.request_id, None)
+        if request.request_id in self._announced:
+            self._announced.discard(request.request_id)
+            self._released.append(request.request_id)
 
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        """Launch what the scheduler allows (up to pp_size micro-batches in flight), then complete the
+        oldest batch in flight and report what it produced."""
         try:
-            sampled_rows, samples = self.runner.run(batch)
-            for request, n in zip(batch.requests, batch.num_new_tokens):
-                request.num_computed_tokens += n
-            return [] if samples is None else self._append_samples(batch, sampled_rows, samples)
+            while len(self.in_flight) < self.parallel.pp_size and (batch := self.scheduler.schedule()):
+                self._launch(batch)
+            if not self.in_flight:
+                return []
+            done = self.in_flight.popleft()
+            if done.result is None and done.plan.sampling_rows:
+                done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
+        except CommError as e:
+            raise EngineDead(str(e)) from e
+        except StepError as e:
+            if self.parallel.world_size > 1:
+                raise EngineDead(f"rank 0 failed a step, so the ranks are out of step: {e.__cause__}") from e
+            raise
+        for request in done.batch.requests:
+            request.in_flight = False
+        return [] if done.result is None else self._append_samples(done.batch, done.plan, done.result)
+
+    def _launch(self, batch: Batch) -> None:
+        new = {r.request_id: r.params for r in batch.requests if r.request_id not in self._announced}
+        self._announced.update(new)
+        plan = StepPlan.from_batch(batch, new, self._released)
+        self._released = []
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            request.in_flight = True
+            request.num_computed_tokens += n
+        try:
+            self.in_flight.append(InFlight(batch, plan, self._submit(plan)))
+        except CommError:
+            raise
         except Exception as e:
+            for request in batch.requests:
+                request.in_flight = False
             raise StepError(batch.requests) from e
 
-    def _append_samples(self, batch: Batch, rows: list[int], samples: SamplerOutput) -> list[StepOutput]:
-        token_ids = samples.token_ids.tolist()
-        logprobs = _logprob_lists(samples)
+    def _submit(self, plan: StepPlan) -> StepResult | None:
+        self._last_plan_at = time.monotonic()
+        return self.worker.submit(plan)
+
+    def keep_alive(self) -> None:
+        """While idle, tell the other ranks the driver is alive, well within infer.comm_timeout_s."""
+        interval = min(10.0, self.parallel.timeout_s / 4)
+        if self.parallel.world_size > 1 and not self._closed and time.monotonic() - self._last_plan_at > interval:
+            self._submit(StepPlan(PlanKind.HEARTBEAT))
+
+    def close(self) -> None:
+        """Release the other ranks (they return from follow_driver) and leave the process group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.parallel.world_size > 1:
+            try:
+                self._submit(StepPlan(PlanKind.SHUTDOWN))
+            finally:
+                self.worker.close()
+
+    def _append_samples(self, batch: Batch, plan: StepPlan, result: StepResult) -> list[StepOutput]:
         outputs = []
-        for i, row in enumerate(rows):
+        for i, row in enumerate(plan.sampling_rows):
             request = batch.requests[row]
-            output = StepOutput(request, [token_ids[i]])
-            request.output_token_ids.append(token_ids[i])
+            if request.is_finished:  # aborted while its micro-batch was in flight
+                continue
+            token_id = result.token_ids[i]
+            output = StepOutput(request, [token_id])
+            request.output_token_ids.append(token_id)
             if request.params.logprobs:
-                chosen, top_ids, top_values = logprobs[0][i], logprobs[1][i], logprobs[2][i]
-                top = list(zip(top_ids, top_values))[: request.params.top_logprobs]
-                output.new_logprobs.append(TokenLogprob(token_ids[i], chosen, top))
+                top = list(zip(result.top_token_ids[i], result.top_logprobs[i]))[: request.params.top_logprobs] \
+                    if result.top_token_ids is not None else []
+                output.new_logprobs.append(TokenLogprob(token_id, result.logprobs[i], top))
                 request.logprobs.extend(output.new_logprobs)
             detokenizer = request.detokenizer
-            output.new_text = detokenizer.add(token_ids[i]) if detokenizer else ""
-            reason = self._stop_reason(request, token_ids[i])
+            output.new_text = detokenizer.add(token_id) if detokenizer else ""
+            reason = self._stop_reason(request, token_id)
             if reason:
                 output.new_text += detokenizer.flush() if detokenizer else ""
-                self.scheduler.finish(request, reason)
-                self.requests.pop(request.request_id, None)
+                self._finish(request, reason)
             outputs.append(output)
         return outputs
 
@@ -178,10 +232,3 @@ class LLMEngine:
             return "length"
         return None
 
-
-def _logprob_lists(samples: SamplerOutput) -> tuple[list, list, list]:
-    if samples.logprobs is None:
-        return [], [], []
-    top_ids = samples.top_token_ids.tolist() if samples.top_token_ids is not None else [[]] * len(samples.logprobs)
-    top_values = samples.top_logprobs.tolist() if samples.top_logprobs is not None else [[]] * len(samples.logprobs)
-    return samples.logprobs.tolist(), top_ids, top_values

@@ -6,8 +6,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from chitu.engine.detokenizer import IncrementalDetokenizer
 from chitu.engine.sampling_params import SamplingParams
 
@@ -40,7 +38,7 @@ class Request:
     finish_reason: str | None = None  # "stop" (EOS), "length", "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
     detokenizer: IncrementalDetokenizer | None = None
-    generator: torch.Generator | None = None
+    in_flight: bool = False  # in a pipeline micro-batch whose tokens have not come back yet
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
     first_token_time: float | None = None

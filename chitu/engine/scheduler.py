@@ -5,14 +5,30 @@ homogeneous, as in Chitu: prefill whenever some admitted request still has promp
 (chunked by a token budget), otherwise one decode token for every running request. When the KV
 cache runs out during decode, the lowest-ranked running request is preempted: its blocks are freed
 and it goes back to the queue to be recomputed later, so nothing is lost and nothing is corrupted.
+
+With pipeline parallelism up to pp_size batches (micro-batches) are in flight at once; a request in
+one is skipped until its tokens come back, and micro-batch sizes follow scheduler.pp_config.
 """
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
 
+from chitu.config.schema import ChituConfig
 from chitu.engine.kv_cache import BlockManager
 from chitu.engine.request import Request, RequestStatus
+
+
+def micro_batch_limits(config: ChituConfig) -> tuple[int, int]:
+    """The most requests in one prefill and in one decode batch, as the manual defines the
+    scheduler.pp_config keys: with pp_size > 1, a prefill batch takes ceil(max_reqs / pp_size)
+    requests (or prefill_num_tasks) and a decode batch max_reqs (or decode_num_tasks)."""
+    infer, knobs = config.infer, config.scheduler.pp_config
+    if infer.pp_size == 1:
+        return infer.max_reqs, infer.max_reqs
+    prefill = -(-infer.max_reqs // infer.pp_size) if knobs.prefill_num_tasks_divided_by_pp else knobs.prefill_num_tasks
+    decode = infer.max_reqs if knobs.enforce_decode_num_tasks_max else knobs.decode_num_tasks
+    return prefill, decode
 
 
 @dataclass
@@ -28,10 +44,13 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_reqs: int, prefill_chunk_size: int | None):
+    def __init__(self, block_manager: BlockManager, max_reqs: int, prefill_chunk_size: int | None,
+                 max_prefill_batch: int | None = None, max_decode_batch: int | None = None):
         self.blocks = block_manager
         self.max_reqs = max_reqs
         self.prefill_budget = prefill_chunk_size
+        self.max_prefill_batch = max_prefill_batch or max_reqs
+        self.max_decode_batch = max_decode_batch or max_reqs
         self.waiting: list[tuple[tuple[int, int], Request]] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -55,9 +74,10 @@ class Scheduler:
         budget = self.prefill_budget or float("inf")
         for request in self.running:
             remaining = request.num_tokens - request.num_computed_tokens
-            if remaining > 1 and budget > 0:
+            if not request.in_flight and remaining > 1 and budget > 0 and len(batch.requests) < self.max_prefill_batch:
                 budget -= self._add_prefill(batch, request, remaining, budget)
-        while self.waiting and len(self.running) < self.max_reqs and budget > 0:
+        while (self.waiting and len(self.running) < self.max_reqs and budget > 0
+               and len(batch.requests) < self.max_prefill_batch):
             request = self.waiting[0][1]
             chunk = min(request.num_tokens, budget)
             if not self.blocks.can_hold(request, chunk):
@@ -87,25 +107,33 @@ class Scheduler:
         scheduled: list[Request] = []
         for request in sorted(self.running, key=Request.schedule_key):
             num_tokens = request.num_tokens
-            if request.status is not RequestStatus.RUNNING or num_tokens - request.num_computed_tokens > 1:
-                continue  # preempted while making room, or a prefill stalled for want of blocks
+            if len(scheduled) == self.max_decode_batch:
+                break
+            if (request.in_flight or request.status is not RequestStatus.RUNNING
+                    or num_tokens - request.num_computed_tokens > 1):
+                continue  # in a micro-batch, preempted while making room, or a prefill stalled for want of blocks
             while not self.blocks.can_hold(request, num_tokens):
                 victim = self._lowest_ranked()
+                if victim is None:
+                    break  # the others are in flight: wait for them
                 self.preempt(victim)
                 if victim is request:
                     break
-            if request.status is RequestStatus.RUNNING:
+            if request.status is RequestStatus.RUNNING and self.blocks.can_hold(request, num_tokens):
                 self.blocks.grow(request, num_tokens)
                 scheduled.append(request)
         if scheduled:
             return Batch(is_prefill=False, requests=scheduled, num_new_tokens=[1] * len(scheduled))
-        if self.running:  # only stalled prefills: free the lowest-ranked one's blocks for the others
+        if self.running and not any(r.in_flight for r in self.running):
+            # only stalled prefills: free the lowest-ranked one's blocks for the others
             self.preempt(self._lowest_ranked())
             return self.schedule()
         return None
 
-    def _lowest_ranked(self) -> Request:
-        return max((r for r in self.running if r.status is RequestStatus.RUNNING), key=Request.schedule_key)
+    def _lowest_ranked(self) -> Request | None:
+        """The running request to preempt first; requests in flight are never preempted."""
+        candidates = (r for r in self.running if r.status is RequestStatus.RUNNING and not r.in_flight)
+        return max(candidates, key=Request.schedule_key, default=None)
 
     def preempt(self, request: Request) -> None:
         """Free the request's KV; it is recomputed from its prompt and outputs when readmitted."""

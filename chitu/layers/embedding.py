@@ -1,40 +1,65 @@
-"""Token embedding and the LM head (optionally tied to the embedding)."""
+"""Token embedding and LM head, split over tensor ranks by vocabulary rows.
+
+Each rank holds `padded` rows (the last rank's tail is zeros), so the ranks' logits gather into
+one [tokens, tp_size * padded] matrix whose first vocab_size columns are the logits.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chitu.checkpoint import CheckpointReader
+from chitu.checkpoint import CheckpointReader, Shard
+from chitu.distributed.comm import tp_all_gather, tp_all_reduce
+from chitu.distributed.parallel_state import parallel_state
+from chitu.distributed.sharding import vocab_shard
 from chitu.layers.loadable import copy_into
 
 
-class Embedding(nn.Module):
+class VocabParallelRows(nn.Module):
+    """A [vocab_size, dim] matrix of which this rank holds rows `span` (padded to `padded`)."""
+
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, dim, dtype=dtype), requires_grad=False)
+        state = parallel_state()
+        self.vocab_size = vocab_size
+        self.span, padded = vocab_shard(vocab_size, state.tp_size, state.tp_rank)
+        self.weight = nn.Parameter(torch.zeros(padded, dim, dtype=dtype), requires_grad=False)
 
+    def load_rows(self, reader: CheckpointReader, name: str) -> None:
+        rows = reader.read(name, self.weight.dtype, self.weight.device, Shard(0, self.span.start, self.span.length))
+        copy_into(self.weight[: self.span.length], rows, name)
+
+
+class Embedding(VocabParallelRows):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.weight)
+        if parallel_state().tp_size == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.span.start
+        mine = (local >= 0) & (local < self.span.length)
+        hidden = F.embedding(torch.where(mine, local, 0), self.weight)
+        return tp_all_reduce(hidden * mine.unsqueeze(-1).to(hidden.dtype))
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
-        name = f"{prefix}.weight"
-        copy_into(self.weight, reader.read(name, self.weight.dtype, self.weight.device), name)
+        self.load_rows(reader, f"{prefix}.weight")
 
 
-class LMHead(nn.Module):
-    """Projects hidden states to float32 vocabulary logits; `tied_to` shares that embedding's weight."""
+class LMHead(VocabParallelRows):
+    """Projects hidden states to float32 logits. A tied head shares the embedding's rows when this
+    rank has the embedding (`tied_to`), else it reads them from the checkpoint tensor `source`."""
 
-    def __init__(self, vocab_size: int, dim: int, tied_to: Embedding | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None,
+                 tied_to: Embedding | None = None, source: str | None = None):
+        super().__init__(vocab_size, dim, dtype)
         self.tied = tied_to is not None
-        self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
-            torch.empty(vocab_size, dim, dtype=dtype), requires_grad=False)
+        self.source = source
+        if tied_to is not None:
+            self.weight = tied_to.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        logits = tp_all_gather(F.linear(hidden, self.weight))
+        return logits[:, : self.vocab_size].float()
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
         if not self.tied:
-            name = f"{prefix}.weight"
-            copy_into(self.weight, reader.read(name, self.weight.dtype, self.weight.device), name)
+            self.load_rows(reader, f"{self.source or prefix}.weight")

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from chitu.distributed.parallel_state import parallel_state
+from chitu.distributed.sharding import Span, balanced_span, head_shard, stage_layers
 from chitu.layers.attention import PagedAttention
 from chitu.layers.embedding import Embedding, LMHead
-from chitu.layers.linear import Linear
+from chitu.layers.linear import ColumnParallelLinear, RowParallelLinear
 from chitu.layers.norm import RMSNorm
 from chitu.layers.rotary import RotaryEmbedding
 from chitu.ops.activation import silu_and_mul
@@ -32,16 +34,24 @@ def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _scaled(span: Span, factor: int) -> Span:
+    return Span(span.start * factor, span.length * factor)
+
+
 class SelfAttention(nn.Module):
+    """Attention over this tensor rank's heads: Q/K/V column-parallel, the output projection row-parallel."""
+
     def __init__(self, config: PretrainedConfig, options: DecoderOptions, rotary: RotaryEmbedding, dtype: torch.dtype):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or self.num_heads
+        state = parallel_state()
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], options.qkv_bias,
-                               sources=["q_proj", "k_proj", "v_proj"], dtype=dtype)
-        self.o_proj = Linear(q_size, config.hidden_size, options.o_bias, dtype=dtype)
+        heads = head_shard(config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads,
+                           state.tp_size, state.tp_rank)
+        self.num_heads, self.num_kv_heads = heads.q_heads.length, heads.kv_heads.length
+        q_span, kv_span = _scaled(heads.q_heads, self.head_dim), _scaled(heads.kv_heads, self.head_dim)
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [("q_proj", q_span), ("k_proj", kv_span),
+                                                                  ("v_proj", kv_span)], options.qkv_bias, dtype)
+        self.o_proj = RowParallelLinear(q_span, config.hidden_size, options.o_bias, dtype=dtype)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if options.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if options.qk_norm else None
         self.rotary = rotary
@@ -62,10 +72,16 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: PretrainedConfig, options: DecoderOptions, dtype: torch.dtype):
         super().__init__()
+        state = parallel_state()
         inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], options.mlp_bias,
-                                   sources=list(options.gate_up_sources), dtype=dtype)
-        self.down_proj = Linear(inter, config.hidden_size, options.mlp_bias, dtype=dtype)
+        columns = balanced_span(inter, state.tp_size, state.tp_rank)
+        if len(options.gate_up_sources) == 1:  # one checkpoint matrix stacks gate over up
+            source = options.gate_up_sources[0]
+            parts = [(source, columns), (source, Span(inter + columns.start, columns.length))]
+        else:
+            parts = [(source, columns) for source in options.gate_up_sources]
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, parts, options.mlp_bias, dtype)
+        self.down_proj = RowParallelLinear(columns, config.hidden_size, options.mlp_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -99,22 +115,32 @@ class DecoderLayer(nn.Module):
         return hidden, residual
 
 
+Intermediate = tuple[torch.Tensor, torch.Tensor]  # (branch output, residual stream) between pipeline stages
+
+
 class DecoderModel(nn.Module):
+    """This pipeline stage's decoder layers (keyed by their global index, as checkpoints name them);
+    the first stage also embeds tokens, the last one applies the final norm."""
+
     def __init__(self, config: PretrainedConfig, options: DecoderOptions, max_positions: int, dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
+        state = parallel_state()
+        layers = stage_layers(config.num_hidden_layers, state.pp_size, state.pp_rank, state.pp_layer_partition)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype) if state.is_first_stage else None
         self.rotary = RotaryEmbedding(config, head_dim_of(config), max_positions, options.rope_interleaved)
-        self.layers = nn.ModuleList(DecoderLayer(config, options, self.rotary, dtype)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, options, self.rotary, dtype) for i in layers})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype) if state.is_last_stage else None
 
-    def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(token_ids), None
+    def forward(self, token_ids: torch.Tensor | None, meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        """Final hidden states on the last stage; elsewhere what the next stage takes as `intermediate`."""
+        hidden, residual = (self.embed_tokens(token_ids), None) if intermediate is None else intermediate
         rope = self.rotary.lookup(meta.positions)
-        for layer in self.layers:
+        for layer in self.layers.values():
             hidden, residual = layer(hidden, residual, meta, rope)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        if self.norm is None:
+            return hidden, residual
+        return self.norm(hidden, residual)[0]
 
 
 class DenseForCausalLM(nn.Module):
@@ -122,15 +148,20 @@ class DenseForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, options, max_positions, dtype)
-        tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied, dtype)
+        self.lm_head = None
+        if parallel_state().is_last_stage:
+            tied = getattr(config, "tie_word_embeddings", False)
+            self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype,
+                                  tied_to=self.model.embed_tokens if tied else None,
+                                  source="model.embed_tokens" if tied else None)
 
-    def forward(self, token_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] of the flat tokens of one step."""
-        return self.model(token_ids, meta)
+    def forward(self, token_ids: torch.Tensor | None, meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        """Hidden states [T, hidden] of the flat tokens of one step (see DecoderModel.forward)."""
+        return self.model(token_ids, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.layers.values()]

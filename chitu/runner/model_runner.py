@@ -1,32 +1,40 @@
-"""Turns a scheduled Batch into tensors, runs the model over the paged KV cache and samples."""
+"""Runs this rank's part of a step plan: builds the tensors, runs its model stage over the paged KV
+cache (taking and passing activations between pipeline stages) and, on the sampling rank, samples."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from chitu.engine.scheduler import Batch
+from chitu.distributed.comm import Mailbox
+from chitu.distributed.parallel_state import parallel_state
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.cuda_graph import DecodeGraphs
-from chitu.runner.sampler import RowParams, Sampler, SamplerOutput, SamplingBatch
+from chitu.runner.sampler import Sampler, SamplerOutput, SamplingBatch
+from chitu.runner.sampling_state import SamplingStates
+from chitu.runner.step_plan import StepPlan, StepResult
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, device: torch.device, block_size: int,
-                 max_batch: int = 0, max_seq_len: int = 0, use_cuda_graph: bool = False):
+    def __init__(self, model: nn.Module, device: torch.device, block_size: int, max_batch: int = 0,
+                 max_seq_len: int = 0, use_cuda_graph: bool = False, mailbox: Mailbox | None = None):
         self.model = model
         self.device = device
         self.block_size = block_size
+        self.parallel = parallel_state()
+        self.mailbox = mailbox or Mailbox()
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.use_cuda_graph = use_cuda_graph
         self.sampler = Sampler()
+        self.sampling = SamplingStates(device)
         self.graphs: DecodeGraphs | None = None
+        self.hidden_size = model.config.hidden_size
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
     def kv_block_bytes(self) -> int:
-        """Bytes one KV block takes across all layers."""
+        """Bytes one KV block takes across this rank's layers and heads."""
         element = torch.empty((), dtype=self.dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * element for a in self.model.attention_layers())
 
@@ -46,38 +54,42 @@ class ModelRunner:
                                        scratch_block=num_blocks, device=self.device)
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> tuple[list[int], SamplerOutput | None]:
-        """Compute the batch; returns the indices of requests that sampled, and their samples."""
-        rows = range(len(batch.requests))
-        sampling_rows = [i for i in rows if batch.samples(i)] if batch.is_prefill else list(rows)
-        if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
-            logits = self.graphs.run([r.last_token_id for r in batch.requests],
-                                     [r.num_computed_tokens for r in batch.requests],
-                                     [r.block_table for r in batch.requests])
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Compute this rank's part of the plan; the sampling rank returns the sampled tokens."""
+        if self.parallel.is_sampler:
+            self.sampling.update(plan)
+        if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
+            logits = self.graphs.run(plan.token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
         else:
-            logits = self._run_eager(batch, sampling_rows)
-        if not sampling_rows:
-            return [], None
-        requests = [batch.requests[i] for i in sampling_rows]
-        sampling = SamplingBatch.build([_row_params(r) for r in requests],
-                                       [r.output_token_ids for r in requests], self.device)
-        return sampling_rows, self.sampler(logits, sampling)
+            logits = self._run_eager(plan)
+        if not self.parallel.is_sampler or not plan.sampling_rows:
+            return None
+        request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
+        sampling = SamplingBatch.build(*self.sampling.rows(request_ids), self.device)
+        result = _to_result(self.sampler(logits, sampling))
+        self.sampling.record(request_ids, result.token_ids)
+        return result
 
-    def _run_eager(self, batch: Batch, sampling_rows: list[int]) -> torch.Tensor:
-        token_ids, meta = self._prepare_inputs(batch)
-        hidden = self.model(token_ids, meta)
-        return self.model.compute_logits(hidden[meta.query_start_loc[1:][sampling_rows] - 1])
+    def _run_eager(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits of the sampling rows on the last stage; elsewhere None, the activations sent on."""
+        state = self.parallel
+        token_ids, meta = self._prepare_inputs(plan)
+        intermediate = None
+        if not state.is_first_stage:
+            shape = (plan.num_tokens, self.hidden_size)
+            hidden, residual = self.mailbox.recv_tensors([(shape, self.dtype)] * 2, state.stage_peer(state.pp_rank - 1),
+                                                         self.device)
+            intermediate = (hidden, residual)
+        out = self.model(token_ids, meta, intermediate)
+        if not state.is_last_stage:
+            self.mailbox.send_tensors(list(out), state.stage_peer(state.pp_rank + 1))
+            return None
+        return self.model.compute_logits(out[meta.query_start_loc[1:][plan.sampling_rows] - 1])
 
-    def _prepare_inputs(self, batch: Batch) -> tuple[torch.Tensor, AttentionMetadata]:
-        token_ids: list[int] = []
-        context_lens = []
-        for request, n in zip(batch.requests, batch.num_new_tokens):
-            start = request.num_computed_tokens
-            token_ids += request.token_ids(start, start + n)
-            context_lens.append(start + n)
-        meta = AttentionMetadata.build(batch.num_new_tokens, context_lens,
-                                       [r.block_table for r in batch.requests], self.block_size, self.device)
-        return torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True), meta
+    def _prepare_inputs(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionMetadata]:
+        meta = AttentionMetadata.build(plan.num_new_tokens, plan.context_lens, plan.block_tables,
+                                       self.block_size, self.device)
+        return torch.tensor(plan.token_ids, dtype=torch.int64).to(self.device, non_blocking=True), meta
 
     @torch.inference_mode()
     def profile_activation_bytes(self, num_tokens: int) -> int:
@@ -89,7 +101,13 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device)
         meta = AttentionMetadata.build([num_tokens], [num_tokens], [list(range(blocks))], self.block_size, self.device)
         tokens = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        self.model.compute_logits(self.model(tokens, meta)[-1:])
+        intermediate = None
+        if not self.parallel.is_first_stage:  # stand-in activations: only their size matters here
+            hidden = torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
+            intermediate = (hidden, hidden.clone())
+        out = self.model(tokens, meta, intermediate)
+        if self.parallel.is_last_stage:
+            self.model.compute_logits(out[-1:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         for attention in self.model.attention_layers():
@@ -98,10 +116,9 @@ class ModelRunner:
         return peak
 
 
-def _row_params(request) -> RowParams:
-    p = request.params
-    return RowParams(
-        temperature=0.0 if p.is_greedy else p.temperature, top_p=p.top_p, top_k=p.top_k,
-        frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-        generator=request.generator, top_logprobs=p.top_logprobs, logprobs=p.logprobs,
-    )
+def _to_result(samples: SamplerOutput) -> StepResult:
+    def lists(t: torch.Tensor | None) -> list | None:
+        return None if t is None else t.tolist()
+
+    return StepResult(samples.token_ids.tolist(), lists(samples.logprobs), lists(samples.top_token_ids),
+                      lists(samples.top_logprobs))

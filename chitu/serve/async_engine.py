@@ -5,9 +5,11 @@ which matters on CPUs, where a second thread running ops gets an OpenMP pool of 
 the two pools slow each other down (~25% per step on two cores).
 
 Submissions and aborts are commands queued to the thread. It runs them between steps, steps while
-any request is unfinished and sleeps on the queue when idle. Each step's outputs reach their
-consumers on the event loop through one `call_soon_threadsafe`. A failing step costs only the
-requests it ran: they get an EngineError and are aborted, and the thread serves everyone else.
+any request is unfinished and sleeps on the queue when idle (waking now and then so the engine can
+tell the other ranks it is alive). Each step's outputs reach their consumers on the event loop
+through one `call_soon_threadsafe`. A failing step costs only the requests it ran: they get an
+EngineError and are aborted, and the thread serves everyone else. Only when the engine itself is
+dead (another rank failed) does the thread fail every request and call `on_fatal`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from chitu.engine.engine import LLMEngine, StepError
+from chitu.engine.engine import EngineDead, LLMEngine, StepError
 from chitu.engine.request import TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
 
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 Command = Callable[[], None]
 _STOP = None  # the command that ends the thread
+IDLE_WAKE_S = 1.0
 
 
 class EngineError(RuntimeError):
@@ -90,9 +93,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, build: Callable[[], LLMEngine], after_step: Callable[[LLMEngine], None] = lambda engine: None):
+    def __init__(self, build: Callable[[], LLMEngine], after_step: Callable[[LLMEngine], None] = lambda engine: None,
+                 on_fatal: Callable[[Exception], None] = lambda error: None):
         self.engine: LLMEngine | None = None  # set by the thread; read-only elsewhere
         self._build = build
+        self._on_fatal = on_fatal  # runs on the engine thread when the engine cannot go on
         self._build_error: Exception | None = None
         self._ready = threading.Event()
         self._after_step = after_step  # runs on the engine thread, e.g. to update gauges
@@ -150,17 +155,26 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
-        while self._run_commands(block=not self.engine.has_unfinished()):
-            if self.engine.has_unfinished():
-                self._step()
+        try:
+            while self._run_commands(block=not self.engine.has_unfinished()):
+                if self.engine.has_unfinished():
+                    self._step()
+                else:
+                    self.engine.keep_alive()
+                self._after_step(self.engine)
+            self._fail(list(self._streams), EngineStopped("the server is shutting down"))
             self._after_step(self.engine)
-        self._fail(list(self._streams), EngineStopped("the server is shutting down"))
-        self._after_step(self.engine)
+            self.engine.close()
+        except EngineDead as e:
+            logger.critical("the engine stopped: %s", e)
+            self._accepting = False
+            self._fail(list(self._streams), EngineError(f"the engine stopped: {e}"))
+            self._on_fatal(e)
 
     def _run_commands(self, block: bool) -> bool:
         """Run the queued commands, first waiting for one if `block`; False once told to stop."""
         try:
-            command = self._commands.get(block=block)
+            command = self._commands.get(block=block, timeout=IDLE_WAKE_S if block else None)
             while command is not _STOP:
                 try:
                     command()
@@ -188,6 +202,8 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineDead:
+            raise
         except Exception as e:
             failed = [r.request_id for r in e.requests] if isinstance(e, StepError) else list(self._streams)
             logger.exception("engine step failed; aborting %d request(s)", len(failed))

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 
 import uvicorn
 
@@ -22,13 +23,20 @@ GRACEFUL_SHUTDOWN_S = 10
 
 @hydra_entry
 def main(config: ChituConfig) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        logger.info("rank %d: only rank 0 serves (tensor/pipeline parallelism is not built yet); exiting", rank)
-        return
     logger.info("Loading model %s from %s", config.models.name, config.models.checkpoint_path())
+    if int(os.environ.get("RANK", "0")) != 0:
+        follow_driver(config)
+        return
     metrics = ServeMetrics()
-    engine = AsyncEngine(functools.partial(LLMEngine, config), metrics.observe_engine)
+    fatal: list[Exception] = []
+    server: uvicorn.Server | None = None
+
+    def stop_serving(error: Exception) -> None:  # another rank failed: stop, and exit non-zero
+        fatal.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    engine = AsyncEngine(functools.partial(LLMEngine, config), metrics.observe_engine, stop_serving)
     engine.start()
     app = create_app(engine, config, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host=config.serve.host, port=config.serve.port, log_config=None,
@@ -38,4 +46,12 @@ def main(config: ChituConfig) -> None:
     for handled in (signal.SIGINT, signal.SIGTERM):
         signal.signal(handled, lambda signum, frame: None)
     server.run()
+    if fatal:
+        raise SystemExit(f"Chitu service stopped: {fatal[0]}")
     logger.info("Chitu service stopped")
+
+
+def follow_driver(config: ChituConfig) -> None:
+    """Ranks other than 0 compute rank 0's steps until it shuts down; a SIGTERM ends them at once."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    LLMEngine(config).follow_driver()

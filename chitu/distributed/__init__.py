@@ -1,0 +1,1 @@
+"""Process groups for tensor and pipeline parallelism, and the messages ranks exchange."""

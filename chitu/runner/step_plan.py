@@ -1,0 +1,61 @@
+"""What the driver (rank 0) tells every rank to compute in one step, and what comes back.
+
+A plan is plain data, so it can be pickled to the other ranks: the scheduler's Batch of Requests
+reduced to token ids, cache positions and block tables, plus the sampling settings of requests the
+sampling rank has not seen yet and the ids of those it may forget.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from chitu.engine.sampling_params import SamplingParams
+from chitu.engine.scheduler import Batch
+
+
+class PlanKind(enum.Enum):
+    STEP = "step"
+    HEARTBEAT = "heartbeat"  # the driver is idle but alive: waiting ranks restart their timeout
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class StepPlan:
+    kind: PlanKind = PlanKind.STEP
+    is_prefill: bool = False
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)       # each request's new tokens, concatenated
+    num_new_tokens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)    # tokens in the cache once this step has run
+    block_tables: list[list[int]] = field(default_factory=list)
+    sampling_rows: list[int] = field(default_factory=list)   # requests that sample a token after this step
+    new_requests: dict[str, SamplingParams] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_batch(cls, batch: Batch, new_requests: dict[str, SamplingParams], released: list[str]) -> StepPlan:
+        plan = cls(is_prefill=batch.is_prefill, num_new_tokens=batch.num_new_tokens,
+                   new_requests=new_requests, released=released)
+        for i, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = request.num_computed_tokens
+            plan.request_ids.append(request.request_id)
+            plan.token_ids += request.token_ids(start, start + n)
+            plan.context_lens.append(start + n)
+            plan.block_tables.append(request.block_table)
+            if batch.samples(i):
+                plan.sampling_rows.append(i)
+        return plan
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StepResult:
+    """The tokens sampled for a plan's sampling rows, in order, with their logprobs when asked for."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None

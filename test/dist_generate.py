@@ -1,0 +1,46 @@
+"""Under torchrun (or plain python): complete a fixed set of token-id prompts — greedy with top-5
+logprobs, seeded sampling, and a frequency penalty, one request arriving late — and have rank 0
+write the tokens and logprobs as JSON. test_distributed.py compares tp/pp runs with one process.
+
+    torchrun --nproc_per_node 2 test/dist_generate.py OUT.json models.ckpt_dir=<dir> infer.tp_size=2
+"""
+import json
+import sys
+
+from chitu.config import compose_config
+from chitu.engine.engine import LLMEngine
+from chitu.engine.sampling_params import SamplingParams
+
+PROMPTS = [[11, 52, 3, 97, 140], [7] * 3 + list(range(20, 57)), [201, 99, 13, 8, 64, 31, 2, 150, 77, 5, 18],
+           [42, 43, 44, 45, 46, 47, 48]]
+PARAMS = [
+    SamplingParams(max_new_tokens=8, temperature=0, logprobs=True, top_logprobs=5, stop_with_eos=False),
+    SamplingParams(max_new_tokens=8, temperature=0, logprobs=True, top_logprobs=5, stop_with_eos=False),
+    SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, top_k=40, seed=7, stop_with_eos=False),
+    SamplingParams(max_new_tokens=8, temperature=0, frequency_penalty=1.5, stop_with_eos=False),
+]
+LATE_ARRIVAL_STEP = 3  # the last prompt joins while the others decode
+
+
+def main() -> None:
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    engine = LLMEngine(compose_config(overrides), load_tokenizer=False)
+    if not engine.is_driver:
+        engine.follow_driver()
+        return
+    requests = [engine.add_request(p, q) for p, q in zip(PROMPTS[:-1], PARAMS[:-1])]
+    step = 0
+    while engine.has_unfinished() or len(requests) < len(PROMPTS):
+        if step == LATE_ARRIVAL_STEP:
+            requests.append(engine.add_request(PROMPTS[-1], PARAMS[-1]))
+        engine.step()
+        step += 1
+    engine.close()
+    results = [{"tokens": r.output_token_ids, "logprobs": [[lp.logprob] + [v for _, v in lp.top] for lp in r.logprobs],
+                "top_ids": [[i for i, _ in lp.top] for lp in r.logprobs]} for r in requests]
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
