@@ -44,7 +44,7 @@ def test_graph_decode_equals_eager(batch):
     prompts = [torch.randint(0, CONFIG.vocab_size, (int(n),), generator=gen).tolist()
                for n in torch.randint(1, 70, (batch,), generator=gen)]
     graph_engine = engine(model, True)
-    assert graph_engine.runner.graphs is not None
+    assert graph_engine.worker.runner.graphs is not None
     graph_tokens, graph_logprobs = generate(graph_engine, prompts)
     eager_tokens, eager_logprobs = generate(engine(model, False), prompts)
     assert graph_tokens == eager_tokens

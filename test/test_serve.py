@@ -27,15 +27,16 @@ CHAT = [{"role": "system", "content": "You are a helpful assistant."},
 
 
 class ServerProcess:
-    """`python -m chitu` on a free port, logging to `run_dir`; stopped with SIGTERM."""
+    """`python -m chitu` (or `<launcher> -m chitu`, e.g. torchrun) on a free port, logging to `run_dir`;
+    stopped with SIGTERM."""
 
-    def __init__(self, run_dir: Path, *overrides: str):
+    def __init__(self, run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (sys.executable,)):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = run_dir / "server.log"
-        command = [sys.executable, "-m", "chitu", f"serve.port={port}", "serve.host=127.0.0.1",
+        command = [*launcher, "-m", "chitu", f"serve.port={port}", "serve.host=127.0.0.1",
                    f"hydra.run.dir={run_dir}", *overrides]
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

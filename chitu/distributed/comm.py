@@ -106,6 +106,10 @@ def broadcast_in_stage(obj: Any) -> Any:
     try:
         dist.broadcast_object_list(holder, src=src, group=state.tp_cpu_group)
     except RuntimeError as e:
+        if state.rank == src:
+            others = ", ".join(map(str, state.tp_ranks[1:]))
+            raise CommError(f"rank {src}: sending a step plan to ranks {others} failed (one may have exited or hung "
+                            f"past infer.comm_timeout_s={state.timeout_s:g}): {e}") from e
         raise _error("receiving a step plan from", src, e) from e
     return holder[0]
 

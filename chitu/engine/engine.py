@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import uuid
 from collections import deque
@@ -96,7 +97,10 @@ class LLMEngine:
         return self.parallel.is_driver
 
     def follow_driver(self) -> None:
-        """On ranks other than 0: compute the driver's steps until it shuts down."""
+        """On ranks other than 0: compute the driver's steps until it shuts down. SIGINT and SIGTERM
+        are ignored meanwhile: the driver drains its requests and then releases this rank."""
+        for handled in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(handled, signal.SIG_IGN)
         try:
             self.worker.follow_driver()
         except CommError as e:
@@ -199,8 +203,9 @@ class LLMEngine:
         if self.parallel.world_size > 1:
             try:
                 self._submit(StepPlan(PlanKind.SHUTDOWN))
-            finally:
                 self.worker.close()
+            except CommError as e:
+                logger.warning("could not release the other ranks (they may have exited already): %s", e)
 
     def _append_samples(self, batch: Batch, plan: StepPlan, result: StepResult) -> list[StepOutput]:
         outputs = []

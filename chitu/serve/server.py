@@ -5,7 +5,6 @@ import functools
 import logging
 import os
 import signal
-import sys
 
 import uvicorn
 
@@ -52,6 +51,5 @@ def main(config: ChituConfig) -> None:
 
 
 def follow_driver(config: ChituConfig) -> None:
-    """Ranks other than 0 compute rank 0's steps until it shuts down; a SIGTERM ends them at once."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    """Ranks other than 0 compute rank 0's steps until it shuts down."""
     LLMEngine(config).follow_driver()

@@ -1,0 +1,132 @@
+"""Tensor and pipeline parallelism over real torch.distributed (gloo, several processes on the CPU):
+every layout must produce the tokens of one process and logprobs within 1e-4 (fp32), on tiny random
+Llama and Qwen3 checkpoints and on SmolLM2. Sharding rules and start-up errors are checked in-process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from chitu.config import compose_config
+from chitu.config.schema import ConfigError
+from chitu.distributed.parallel_state import check_world_size
+from chitu.distributed.sharding import Span, head_shard, stage_layers, vocab_shard
+
+SCRIPT = Path(__file__).with_name("dist_generate.py")
+TOLERANCE = 1e-4
+ENGINE = ["dtype=float32", "infer.max_seq_len=128", "infer.max_reqs=4", "infer.block_size=16",
+          "infer.prefill_chunk_size=32", "infer.comm_timeout_s=60"]
+SPLIT_DECODE = ["scheduler.pp_config.enforce_decode_num_tasks_max=False", "scheduler.pp_config.decode_num_tasks=2"]
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=256, rms_norm_eps=1e-6)
+MODELS = {
+    # an odd vocabulary, so the last tensor rank's vocabulary shard is padded
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=2, vocab_size=321)),
+    # one KV head: at tp_size=2 both ranks hold a replica of it
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(num_key_value_heads=1, vocab_size=320,
+                                                                            head_dim=32)),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    for name, (config_cls, model_cls, extra) in MODELS.items():
+        torch.manual_seed(0)
+        model = model_cls(config_cls(**TINY, **extra))
+        for p in model.parameters():  # random norms too, so every weight matters
+            torch.nn.init.normal_(p, std=0.2) if p.dim() == 1 else None
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path, safe_serialization=True)
+        paths[name] = str(path)
+    return paths
+
+
+def generate(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
+    out = tmp_path / f"out_{nproc}_{abs(hash(tuple(overrides)))}.json"
+    launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(nproc)]
+    proc = subprocess.run(launcher + [str(SCRIPT), str(out), *ENGINE, *overrides], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def assert_same_generation(actual: list[dict], expected: list[dict]) -> None:
+    for got, want in zip(actual, expected, strict=True):
+        assert got["tokens"] == want["tokens"]
+        assert got["top_ids"] == want["top_ids"]
+        for got_row, want_row in zip(got["logprobs"], want["logprobs"], strict=True):
+            assert max(abs(a - b) for a, b in zip(got_row, want_row, strict=True)) < TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, tmp_path_factory, smollm2_path) -> dict[str, list[dict]]:
+    """One process per model: what every parallel layout must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    runs = {name: generate(tmp, 1, [f"models.ckpt_dir={path}"]) for name, path in checkpoints.items()}
+    runs["smollm2"] = generate(tmp, 1, [f"models.ckpt_dir={smollm2_path}"])
+    return runs
+
+
+LAYOUTS = [
+    ("llama", 2, ["infer.tp_size=2"]),
+    ("llama", 2, ["infer.pp_size=2", *SPLIT_DECODE]),
+    ("llama", 4, ["infer.tp_size=2", "infer.pp_size=2", "infer.pp_layer_partition=[1,3]", *SPLIT_DECODE]),
+    ("qwen3", 2, ["infer.tp_size=2"]),
+    ("qwen3", 2, ["infer.pp_size=2"]),
+    # 9 heads in 3 KV groups: one rank gets one group, the other two
+    ("smollm2", 2, ["infer.tp_size=2"]),
+    ("smollm2", 2, ["infer.pp_size=2", *SPLIT_DECODE]),
+]
+
+
+@pytest.mark.parametrize("model,nproc,layout", LAYOUTS, ids=[f"{m}-{'-'.join(o[:2])}" for m, _, o in LAYOUTS])
+def test_parallel_layout_matches_one_process(model, nproc, layout, checkpoints, reference, smollm2_path, tmp_path):
+    path = smollm2_path if model == "smollm2" else checkpoints[model]
+    assert_same_generation(generate(tmp_path, nproc, [f"models.ckpt_dir={path}", *layout]), reference[model])
+
+
+def test_world_size_must_match_tp_times_pp(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_world_size(compose_config(["infer.tp_size=2"]))
+    with pytest.raises(ConfigError, match=r"infer.tp_size=2 x infer.pp_size=2 = 4 but 2 process\(es\)"):
+        check_world_size(compose_config(["infer.tp_size=2", "infer.pp_size=2"]))
+
+
+def test_plain_python_with_tp_fails_before_loading(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "x.json"), "infer.tp_size=2",
+                           "models.ckpt_dir=/nonexistent"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "infer.tp_size=2 x infer.pp_size=1 = 2 but 1 process(es) were started" in proc.stderr
+
+
+def test_heads_follow_their_kv_group():
+    # SmolLM2: 9 query heads in 3 KV groups over 2 ranks
+    shards = [head_shard(9, 3, 2, r) for r in range(2)]
+    assert [(s.q_heads, s.kv_heads) for s in shards] == [(Span(0, 3), Span(0, 1)), (Span(3, 6), Span(1, 2))]
+    # fewer KV heads than ranks: each KV head is replicated, its query heads split
+    shards = [head_shard(8, 2, 4, r) for r in range(4)]
+    assert [(s.q_heads, s.kv_heads) for s in shards] == [
+        (Span(0, 2), Span(0, 1)), (Span(2, 2), Span(0, 1)), (Span(4, 2), Span(1, 1)), (Span(6, 2), Span(1, 1))]
+    with pytest.raises(ConfigError, match="multiple of the model's 2 KV heads"):
+        head_shard(4, 2, 3, 0)
+    with pytest.raises(ConfigError, match="exceeds the model's 4 attention heads"):
+        head_shard(4, 4, 8, 0)
+
+
+def test_vocab_shards_are_padded_to_equal_sizes():
+    assert [vocab_shard(321, 2, r) for r in range(2)] == [(Span(0, 161), 161), (Span(161, 160), 161)]
+    assert vocab_shard(10, 4, 3) == (Span(9, 1), 3)
+
+
+def test_stage_layers():
+    assert [stage_layers(30, 4, r, None) for r in range(4)] == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
+    assert stage_layers(4, 2, 1, [1, 3]) == range(1, 4)
+    with pytest.raises(ConfigError, match=r"pp_layer_partition=\[1, 2\] must be 2 positive layer counts"):
+        stage_layers(4, 2, 0, [1, 2])
+    with pytest.raises(ConfigError, match="infer.pp_size=8 exceeds the model's 4 layers"):
+        stage_layers(4, 8, 0, None)

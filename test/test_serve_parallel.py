@@ -1,0 +1,76 @@
+"""The service under torchrun with tensor and pipeline parallelism: rank 0 serves the openai client
+while the other ranks compute with it; SIGTERM stops every rank cleanly, and a killed rank brings
+the whole service down within seconds, with a message naming that rank."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import openai
+import psutil
+import requests
+
+from test_serve import ServerProcess, sse_events
+
+TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
+ENGINE = ("infer.max_seq_len=512", "infer.max_reqs=4", "infer.comm_timeout_s=60")
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def rank_pid(server: ServerProcess, rank: int) -> int:
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        if child.environ().get("RANK") == str(rank):
+            return child.pid
+    raise AssertionError(f"no process of rank {rank} under torchrun")
+
+
+def wait_all_exited(server: ServerProcess, pids: list[int], timeout: float) -> float:
+    start = time.monotonic()
+    server.process.wait(timeout=timeout)
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                    timeout=max(1.0, timeout - (time.monotonic() - start)))
+    assert not alive, f"ranks still running: {alive}"
+    return time.monotonic() - start
+
+
+def test_tensor_parallel_service_answers_and_stops_on_sigterm(smollm2_path, tmp_path):
+    server = ServerProcess(tmp_path, *ENGINE, "infer.tp_size=2", launcher=TORCHRUN)
+    try:
+        pids = [rank_pid(server, 0), rank_pid(server, 1)]
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                                max_tokens=20, temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        stream = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION, max_tokens=20,
+                                                temperature=0, stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert streamed == answer.choices[0].message.content
+        server.process.send_signal(signal.SIGTERM)
+        wait_all_exited(server, pids, timeout=60)
+        log = server.log()
+        assert "Chitu service stopped" in log and "CommError" not in log and "Traceback (most recent call last)" \
+            not in log.split("Chitu service stopped")[0], log
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def test_killed_rank_stops_every_rank_with_a_message(smollm2_path, tmp_path):
+    server = ServerProcess(tmp_path, *ENGINE, "infer.pp_size=2", launcher=TORCHRUN)
+    try:
+        pids = [rank_pid(server, 0), rank_pid(server, 1)]
+        body = {"messages": QUESTION, "max_tokens": 400, "stop_with_eos": False, "stream": True}
+        with requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+            events = sse_events(response)
+            next(events)
+            os.kill(pids[1], signal.SIGKILL)
+            rest = list(events)
+        errors = [e for e in rest if isinstance(e, dict) and "error" in e]
+        assert errors and "rank 1" in errors[0]["error"]["message"]
+        assert wait_all_exited(server, pids, timeout=60) < 30
+        assert server.process.returncode != 0
+        assert "receiving from rank 1 failed" in server.log()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
