@@ -1,4 +1,5 @@
-"""test/single_req_test.py as the manual runs it: under plain python and under torchrun."""
+"""test/single_req_test.py as the manual runs it: under plain python and under torchrun, also with
+two processes in a pipeline."""
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +14,18 @@ def run(launcher: list[str], overrides: list[str], cwd: Path) -> subprocess.Comp
     return subprocess.run(launcher + [str(SCRIPT)] + overrides, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("launcher", [[sys.executable], [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]],
-                         ids=["python", "torchrun"])
-def test_fixed_length_run_reports_answers_and_speed(launcher, tmp_path, smollm2_path):
-    result = run(launcher, FIXED_LENGTHS, tmp_path)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+@pytest.mark.parametrize("launcher,parallel", [([sys.executable], []), (TORCHRUN + ["--nproc_per_node", "1"], []),
+                                               (TORCHRUN + ["--nproc_per_node", "2"], ["infer.pp_size=2"])],
+                         ids=["python", "torchrun", "torchrun-pp2"])
+def test_fixed_length_run_reports_answers_and_speed(launcher, parallel, tmp_path, smollm2_path):
+    result = run(launcher, FIXED_LENGTHS + parallel, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     log_files = list((tmp_path / "outputs").rglob("single_req_test.log"))
-    assert len(log_files) == 1  # logs land in outputs/
-    log = log_files[0].read_text()
+    assert log_files  # logs land in outputs/ (a run directory per process start second)
+    log = "".join(f.read_text() for f in log_files)
     assert log.count("Response in rank 0") == 4  # 2 requests x 2 rounds
     assert "(4 tokens, finish_reason=length)" in log
     assert "Prefill time:" in log and "tokens/s" in log and "Request 0 prompt (16 tokens)" in log

@@ -155,9 +155,7 @@ class LLMEngine:
                 self._launch(batch)
             if not self.in_flight:
                 return []
-            done = self.in_flight.popleft()
-            if done.result is None and done.plan.sampling_rows:
-                done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
+            done = self._complete_oldest()
         except CommError as e:
             raise EngineDead(str(e)) from e
         except StepError as e:
@@ -202,10 +200,23 @@ class LLMEngine:
         self._closed = True
         if self.parallel.world_size > 1:
             try:
+                self._drain_in_flight()
                 self._submit(StepPlan(PlanKind.SHUTDOWN))
                 self.worker.close()
             except CommError as e:
                 logger.warning("could not release the other ranks (they may have exited already): %s", e)
+
+    def _complete_oldest(self) -> InFlight:
+        """The oldest batch in flight, with its tokens (received from the sampling rank if need be)."""
+        done = self.in_flight.popleft()
+        if done.result is None and done.plan.sampling_rows:
+            done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
+        return done
+
+    def _drain_in_flight(self) -> None:
+        """Take the tokens of micro-batches still in flight: the sampling rank waits to hand them over."""
+        while self.in_flight:
+            self._complete_oldest()
 
     def _append_samples(self, batch: Batch, plan: StepPlan, result: StepResult) -> list[StepOutput]:
         outputs = []
