@@ -1,6 +1,7 @@
 """The service under torchrun with tensor and pipeline parallelism: rank 0 serves the openai client
-while the other ranks compute with it; SIGTERM stops every rank cleanly, and a killed rank brings
-the whole service down within seconds, with a message naming that rank."""
+while the other ranks compute with it; SIGTERM stops every rank cleanly; a killed rank brings the
+whole service down within seconds, and a hung one within infer.comm_timeout_s, with a message
+naming that rank."""
 from __future__ import annotations
 
 import os
@@ -9,12 +10,13 @@ import time
 
 import openai
 import psutil
+import pytest
 import requests
 
 from test_serve import ServerProcess, sse_events
 
 TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
-ENGINE = ("infer.max_seq_len=512", "infer.max_reqs=4", "infer.comm_timeout_s=60")
+ENGINE = ("infer.max_seq_len=512", "infer.max_reqs=4")
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -56,21 +58,27 @@ def test_tensor_parallel_service_answers_and_stops_on_sigterm(smollm2_path, tmp_
             server.process.kill()
 
 
-def test_killed_rank_stops_every_rank_with_a_message(smollm2_path, tmp_path):
-    server = ServerProcess(tmp_path, *ENGINE, "infer.pp_size=2", launcher=TORCHRUN)
+@pytest.mark.parametrize("failure,timeout", [(signal.SIGKILL, 30), (signal.SIGSTOP, 60)], ids=["killed", "hung"])
+def test_failed_rank_stops_every_rank_with_a_message(failure, timeout, smollm2_path, tmp_path):
+    # pp=2: rank 0 waits for the tokens rank 1 samples; comm_timeout_s bounds the wait for a hung rank
+    # (torchrun then kills the stopped process after its own grace period)
+    server = ServerProcess(tmp_path, *ENGINE, "infer.pp_size=2", "infer.comm_timeout_s=5", launcher=TORCHRUN)
     try:
         pids = [rank_pid(server, 0), rank_pid(server, 1)]
         body = {"messages": QUESTION, "max_tokens": 400, "stop_with_eos": False, "stream": True}
         with requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
             events = sse_events(response)
             next(events)
-            os.kill(pids[1], signal.SIGKILL)
+            os.kill(pids[1], failure)
             rest = list(events)
         errors = [e for e in rest if isinstance(e, dict) and "error" in e]
-        assert errors and "rank 1" in errors[0]["error"]["message"]
-        assert wait_all_exited(server, pids, timeout=60) < 30
+        assert errors and "receiving from rank 1 failed" in errors[0]["error"]["message"]
+        assert wait_all_exited(server, pids, timeout=timeout + 30) < timeout
         assert server.process.returncode != 0
-        assert "receiving from rank 1 failed" in server.log()
+        assert "Chitu service stopped: rank 0: receiving from rank 1 failed" in server.log()
     finally:
+        for pid in pids:
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
         if server.process.poll() is None:
             server.process.kill()
