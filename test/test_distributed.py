@@ -15,6 +15,7 @@ from chitu.config import compose_config
 from chitu.config.schema import ConfigError
 from chitu.distributed.parallel_state import check_world_size
 from chitu.distributed.sharding import Span, head_shard, stage_layers, vocab_shard
+from test_launchers import SSH, fake_bin, real_env  # noqa: F401 (fake_bin is a fixture)
 
 SCRIPT = Path(__file__).with_name("dist_generate.py")
 TOLERANCE = 1e-4
@@ -88,6 +89,17 @@ LAYOUTS = [
 def test_parallel_layout_matches_one_process(model, nproc, layout, checkpoints, reference, smollm2_path, tmp_path):
     path = smollm2_path if model == "smollm2" else checkpoints[model]
     assert_same_generation(generate(tmp_path, nproc, [f"models.ckpt_dir={path}", *layout]), reference[model])
+
+
+def test_tp_and_pp_across_two_nodes(fake_bin, checkpoints, reference, tmp_path):
+    """script/ssh_multi_node.sh starts torchrun on two "nodes" (a fake ssh runs them here): node 0's two
+    ranks are pipeline stage 0 as a tensor-parallel pair, node 1's are stage 1."""
+    out = tmp_path / "out.json"
+    command = [str(SSH), "127.0.0.1,127.0.0.1", "2", str(SCRIPT), str(out), *ENGINE,
+               f"models.ckpt_dir={checkpoints['llama']}", "infer.tp_size=2", "infer.pp_size=2", *SPLIT_DECODE]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=real_env(fake_bin))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_generation(json.loads(out.read_text()), reference["llama"])
 
 
 def test_world_size_must_match_tp_times_pp(monkeypatch):
