@@ -105,6 +105,8 @@ def init_parallel(config: ChituConfig, device: torch.device) -> ParallelState:
     infer = config.infer
     state = ParallelState(infer.tp_size, infer.pp_size, int(os.environ.get("RANK", "0")), infer.pp_layer_partition,
                           infer.comm_timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA graphs and NCCL work on the current device
     if state.world_size > 1:
         timeout = timedelta(seconds=infer.comm_timeout_s)
         backend = "nccl" if device.type == "cuda" else "gloo"

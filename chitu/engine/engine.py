@@ -106,6 +106,9 @@ class LLMEngine:
         except CommError as e:
             logger.error("%s", e)
             raise SystemExit(1) from None
+        except Exception:  # the driver sees this rank vanish and names it; the cause is logged here
+            logger.exception("rank %d failed while computing a step", self.parallel.rank)
+            raise SystemExit(1) from None
 
     @property
     def max_model_tokens(self) -> int:
