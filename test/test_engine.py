@@ -59,6 +59,24 @@ def test_requests_joining_a_running_batch_match_running_alone(engine, alone, nam
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
 
 
+@pytest.mark.parametrize("name, params", [("greedy", GREEDY), ("seeded", SEEDED)])
+def test_overlapped_decode_steps_match_running_alone(engine, alone, name, params):
+    """overlap_steps (on by default on CUDA): each decode step is enqueued before the previous one's
+    tokens are read, fed with them on the device; a request that stops wastes one step."""
+    engine.overlap_steps = True
+    try:
+        prompts = chat_prompts(engine)
+        engine.add_request(prompts[0], params)
+        engine.step(), engine.step()  # the prefill, then a decode step that leaves its successor in flight
+        assert len(engine.in_flight) == 1 and engine.in_flight[0].plan.tokens_from_previous
+        assert [run_alone(engine, p, params) for p in prompts[1:3]] == alone[name][1:3]
+        requests = run_staggered(engine, prompts, params)
+        assert [r.output_token_ids for r in requests] == alone[name]
+    finally:
+        engine.overlap_steps = False
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_more_requests_than_kv_blocks_all_finish_correctly(alone, smollm2_path):
     # 6 blocks of 16 tokens hold ~2 requests: admission queues, decode preempts and recomputes.
     small = LLM("dtype=float32", "infer.max_seq_len=96", "infer.max_reqs=8", "infer.block_size=16",

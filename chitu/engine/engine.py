@@ -20,6 +20,7 @@ from chitu.engine.request import Request, TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
 from chitu.engine.scheduler import Batch, Scheduler, micro_batch_limits
 from chitu.engine.worker import Worker
+from chitu.runner.model_runner import PendingSamples
 from chitu.runner.step_plan import PlanKind, StepPlan, StepResult
 from chitu.tokenizer import Tokenizer
 
@@ -58,7 +59,8 @@ class EngineDead(RuntimeError):
 class InFlight:
     batch: Batch
     plan: StepPlan
-    result: StepResult | None  # None until the sampling rank's tokens arrive (pipeline parallelism)
+    pending: PendingSamples | None  # this rank's samples, being copied to the host
+    result: StepResult | None = None  # the tokens, once read (or received from the sampling rank)
 
 
 class LLMEngine:
@@ -91,6 +93,9 @@ class LLMEngine:
         self._released: list[str] = []     # announced requests that ended since the last plan
         self._last_plan_at = time.monotonic()
         self._closed = False
+        # Enqueue a decode step's successor before reading its tokens, so the host's work between steps
+        # overlaps the device's. Pays only where the device runs ahead of the host (CUDA).
+        self.overlap_steps = self.device.type == "cuda" and self.parallel.world_size == 1
 
     @property
     def is_driver(self) -> bool:
@@ -136,7 +141,7 @@ class LLMEngine:
             )
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.in_flight)
+        return self.scheduler.has_work() or any(not r.is_finished for f in self.in_flight for r in f.batch.requests)
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -158,6 +163,7 @@ class LLMEngine:
                 self._launch(batch)
             if not self.in_flight:
                 return []
+            self._continue_decoding()
             done = self._complete_oldest()
         except CommError as e:
             raise EngineDead(str(e)) from e
@@ -165,20 +171,34 @@ class LLMEngine:
             if self.parallel.world_size > 1:
                 raise EngineDead(f"rank 0 failed a step, so the ranks are out of step: {e.__cause__}") from e
             raise
+        still_in_flight = {id(r) for f in self.in_flight for r in f.batch.requests}
         for request in done.batch.requests:
-            request.in_flight = False
+            request.in_flight = id(request) in still_in_flight
         return [] if done.result is None else self._append_samples(done.batch, done.plan, done.result)
 
     def _launch(self, batch: Batch) -> None:
         new = {r.request_id: r.params for r in batch.requests if r.request_id not in self._announced}
         self._announced.update(new)
-        plan = StepPlan.from_batch(batch, new, self._released)
+        self._start(batch, StepPlan.from_batch(batch, new, self._released))
+
+    def _continue_decoding(self) -> None:
+        """With overlap_steps: the decode batch in flight gets its next step, fed with its samples on the
+        device, before they are read (not with penalties: they need this step's tokens on the host)."""
+        last = self.in_flight[-1]
+        if (not self.overlap_steps or len(self.in_flight) != 1 or last.pending is None
+                or any(r.params.frequency_penalty or r.params.presence_penalty for r in last.batch.requests)
+                or not self.scheduler.continue_decode(last.batch, self.max_model_tokens)):
+            return
+        batch = Batch(is_prefill=False, requests=list(last.batch.requests), num_new_tokens=[1] * len(last.batch.requests))
+        self._start(batch, StepPlan.continuing(batch, self._released), last.pending)
+
+    def _start(self, batch: Batch, plan: StepPlan, previous: PendingSamples | None = None) -> None:
         self._released = []
         for request, n in zip(batch.requests, batch.num_new_tokens):
             request.in_flight = True
             request.num_computed_tokens += n
         try:
-            self.in_flight.append(InFlight(batch, plan, self._submit(plan)))
+            self.in_flight.append(InFlight(batch, plan, self._submit(plan, previous)))
         except CommError:
             raise
         except Exception as e:
@@ -186,9 +206,9 @@ class LLMEngine:
                 request.in_flight = False
             raise StepError(batch.requests) from e
 
-    def _submit(self, plan: StepPlan) -> StepResult | None:
+    def _submit(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
         self._last_plan_at = time.monotonic()
-        return self.worker.submit(plan)
+        return self.worker.submit(plan, previous)
 
     def keep_alive(self) -> None:
         """While idle, tell the other ranks the driver is alive, well within infer.comm_timeout_s."""
@@ -212,7 +232,9 @@ class LLMEngine:
     def _complete_oldest(self) -> InFlight:
         """The oldest batch in flight, with its tokens (received from the sampling rank if need be)."""
         done = self.in_flight.popleft()
-        if done.result is None and done.plan.sampling_rows:
+        if done.pending is not None:
+            done.result = self.worker.runner.collect(done.plan, done.pending)
+        elif done.plan.sampling_rows:
             done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
         return done
 

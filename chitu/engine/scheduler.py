@@ -130,6 +130,24 @@ class Scheduler:
             return self.schedule()
         return None
 
+    def continue_decode(self, batch: Batch, max_model_tokens: int) -> bool:
+        """Whether the decode `batch`, whose tokens are not read yet, may run its next step now: nobody
+        waits to be admitted or prefilled, no request can end by length at that step, and the cache
+        holds one more token for each (those blocks are then taken)."""
+        if batch.is_prefill or self.waiting or len(self.running) != len(batch.requests):
+            return False
+        for request in batch.requests:
+            # after this step's token and the next one's
+            if (request.is_finished or len(request.output_token_ids) + 2 > request.params.max_new_tokens
+                    or request.num_tokens + 2 > max_model_tokens):
+                return False
+        missing = sum(self.blocks.blocks_missing(r, r.num_computed_tokens + 1) for r in batch.requests)
+        if missing > self.blocks.num_free:
+            return False
+        for request in batch.requests:
+            self.blocks.grow(request, request.num_computed_tokens + 1)
+        return True
+
     def _lowest_ranked(self) -> Request | None:
         """The running request to preempt first; requests in flight are never preempted."""
         candidates = (r for r in self.running if r.status is RequestStatus.RUNNING and not r.in_flight)

@@ -21,8 +21,8 @@ from chitu.engine.kv_cache import blocks_for
 from chitu.models.loader import load_model
 from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
                             resolve_dtype)
-from chitu.runner.model_runner import ModelRunner
-from chitu.runner.step_plan import PlanKind, StepPlan, StepResult
+from chitu.runner.model_runner import ModelRunner, PendingSamples
+from chitu.runner.step_plan import PlanKind, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +80,24 @@ class Worker:
 
     # The driver's side.
 
-    def submit(self, plan: StepPlan) -> StepResult | None:
-        """Start a plan on every rank; returns its tokens when this rank samples them (pipeline size 1)."""
+    def submit(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
+        """Start a plan on every rank; returns its samples when this rank takes them (pipeline size 1)."""
         broadcast_in_stage(plan)
-        return self.execute(plan)
+        return self.execute(plan, previous)
 
     # Every rank.
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
+    def execute(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
         state = self.parallel
         if not state.is_last_stage:
             self.mailbox.send_object(plan, state.stage_peer(state.pp_rank + 1))
         if plan.kind is not PlanKind.STEP:
             return None
-        result = self.runner.execute(plan)
-        if result is not None and not state.is_driver:
-            self.mailbox.send_object(result, 0)
-        return result
+        pending = self.runner.execute(plan, previous)
+        if pending is not None and not state.is_driver:
+            self.mailbox.send_object(self.runner.collect(plan, pending), 0)
+            return None
+        return pending
 
     # The other ranks.
 

@@ -26,10 +26,12 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.buckets = batch_buckets(max_batch)
         # All integer inputs live in one buffer, filled on the host (pinned) and copied over in one go.
+        # Two host buffers take turns: a step may be prepared while the previous one's copy is pending.
         size = 4 * max_batch + max_batch * max_blocks_per_seq
-        self.host_inputs = torch.zeros(size, dtype=torch.int64).pin_memory()
+        self.host_buffers = [torch.zeros(size, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.hosts = [self._views(b, max_batch, max_blocks_per_seq) for b in self.host_buffers]
+        self.turn = 0
         self.device_inputs = torch.zeros(size, dtype=torch.int64, device=device)
-        self.host = self._views(self.host_inputs, max_batch, max_blocks_per_seq)
         token_ids, positions, slots, context_lens, tables = self._views(self.device_inputs, max_batch, max_blocks_per_seq)
         self.token_ids = token_ids
         self.meta = AttentionMetadata(
@@ -62,8 +64,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        self._pad_rows(0, len(self.host[0]))
-        self.device_inputs.copy_(self.host_inputs)
+        self._pad_rows(self.hosts[0], 0, len(self.hosts[0][0]))
+        self.device_inputs.copy_(self.host_buffers[0])
         pool = None
         for bs in reversed(self.buckets):  # largest first, so the smaller graphs reuse its memory pool
             self._forward(bs)  # warm-up: compiles kernels outside the capture
@@ -78,9 +80,9 @@ class DecodeGraphs:
     def bucket_for(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def _pad_rows(self, start: int, end: int) -> None:
+    def _pad_rows(self, host: tuple[torch.Tensor, ...], start: int, end: int) -> None:
         """Host rows [start, end): one token at position 0 of the scratch block."""
-        token_ids, positions, slots, context_lens, tables = self.host
+        token_ids, positions, slots, context_lens, tables = host
         token_ids[start:end] = 0
         positions[start:end] = 0
         slots[start:end] = self.scratch_block * self.block_size
@@ -88,21 +90,27 @@ class DecodeGraphs:
         tables[start:end] = self.scratch_block
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [batch, vocab] of one decode step: each sequence's newest token at `positions`."""
+    def run(self, token_ids: list[int] | torch.Tensor, positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits [batch, vocab] of one decode step: each sequence's newest token (host ids, or the
+        previous step's sampled ids on the device) at `positions`."""
         batch = len(token_ids)
         bs = self.bucket_for(batch)
-        host_tokens, host_positions, host_slots, host_context_lens, host_tables = self.host
+        buffer, host = self.host_buffers[self.turn], self.hosts[self.turn]
+        self.turn ^= 1
+        host_tokens, host_positions, host_slots, host_context_lens, host_tables = host
         width = host_tables.shape[1]
-        host_tokens[:batch] = torch.tensor(token_ids)
+        if not isinstance(token_ids, torch.Tensor):
+            host_tokens[:batch] = torch.tensor(token_ids)
         pos = torch.tensor(positions)
         host_positions[:batch] = pos
         host_context_lens[:batch] = pos + 1
         host_tables[:batch] = torch.tensor([t + [self.scratch_block] * (width - len(t)) for t in block_tables])
         block_of_pos = host_tables[:batch].gather(1, (pos // self.block_size)[:, None]).squeeze(1)
         host_slots[:batch] = block_of_pos * self.block_size + pos % self.block_size
-        self._pad_rows(batch, bs)
-        # the previous step's copy has finished: the engine read its sampled tokens back before this step
-        self.device_inputs.copy_(self.host_inputs, non_blocking=True)
+        self._pad_rows(host, batch, bs)
+        # This buffer's previous copy (two steps ago) has finished: the engine has read that step's tokens.
+        self.device_inputs.copy_(buffer, non_blocking=True)
+        if isinstance(token_ids, torch.Tensor):
+            self.token_ids[:batch].copy_(token_ids)
         self.graphs[bs].replay()
         return self.logits[bs][:batch]

@@ -2,6 +2,8 @@
 cache (taking and passing activations between pipeline stages) and, on the sampling rank, samples."""
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import nn
 
@@ -54,26 +56,34 @@ class ModelRunner:
                                        scratch_block=num_blocks, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Compute this rank's part of the plan; the sampling rank returns the sampled tokens."""
+    def execute(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
+        """Enqueue this rank's part of the plan; the sampling rank returns the samples, on their way to
+        the host. A plan whose input tokens are `previous`'s samples can start before those are read."""
         if self.parallel.is_sampler:
             self.sampling.update(plan)
+        token_ids = previous.on_device.token_ids if plan.tokens_from_previous else plan.token_ids
         if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
-            logits = self.graphs.run(plan.token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
+            logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
         else:
-            logits = self._run_eager(plan)
+            logits = self._run_eager(plan, token_ids)
         if not self.parallel.is_sampler or not plan.sampling_rows:
             return None
         request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
         sampling = SamplingBatch.build(*self.sampling.rows(request_ids), self.device)
-        result = _to_result(self.sampler(logits, sampling))
-        self.sampling.record(request_ids, result.token_ids)
+        return PendingSamples.start_copy(self.sampler(logits, sampling))
+
+    def collect(self, plan: StepPlan, pending: PendingSamples) -> StepResult:
+        """Wait for a plan's samples to reach the host; the sampling state records its tokens."""
+        result = pending.wait()
+        self.sampling.record([plan.request_ids[i] for i in plan.sampling_rows], result.token_ids)
         return result
 
-    def _run_eager(self, plan: StepPlan) -> torch.Tensor | None:
+    def _run_eager(self, plan: StepPlan, token_ids: list[int] | torch.Tensor) -> torch.Tensor | None:
         """Logits of the sampling rows on the last stage; elsewhere None, the activations sent on."""
         state = self.parallel
-        token_ids, meta = self._prepare_inputs(plan)
+        meta = self._metadata(plan)
+        if not isinstance(token_ids, torch.Tensor):
+            token_ids = torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         intermediate = None
         if not state.is_first_stage:
             shape = (plan.num_tokens, self.hidden_size)
@@ -86,10 +96,9 @@ class ModelRunner:
             return None
         return self.model.compute_logits(out[meta.query_start_loc[1:][plan.sampling_rows] - 1])
 
-    def _prepare_inputs(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionMetadata]:
-        meta = AttentionMetadata.build(plan.num_new_tokens, plan.context_lens, plan.block_tables,
+    def _metadata(self, plan: StepPlan) -> AttentionMetadata:
+        return AttentionMetadata.build(plan.num_new_tokens, plan.context_lens, plan.block_tables,
                                        self.block_size, self.device)
-        return torch.tensor(plan.token_ids, dtype=torch.int64).to(self.device, non_blocking=True), meta
 
     @torch.inference_mode()
     def profile_activation_bytes(self, num_tokens: int) -> int:
@@ -116,9 +125,32 @@ class ModelRunner:
         return peak
 
 
-def _to_result(samples: SamplerOutput) -> StepResult:
-    def lists(t: torch.Tensor | None) -> list | None:
-        return None if t is None else t.tolist()
+@dataclass
+class PendingSamples:
+    """A step's samples: on the device (a next step may read its input tokens there) and being copied
+    to the host, where they are ready once `copied` has completed."""
 
-    return StepResult(samples.token_ids.tolist(), lists(samples.logprobs), lists(samples.top_token_ids),
-                      lists(samples.top_logprobs))
+    on_device: SamplerOutput
+    on_host: SamplerOutput
+    copied: torch.cuda.Event | None
+
+    @classmethod
+    def start_copy(cls, samples: SamplerOutput) -> PendingSamples:
+        if samples.token_ids.device.type != "cuda":
+            return cls(samples, samples, None)
+        on_device = (getattr(samples, f.name) for f in fields(samples))
+        host = SamplerOutput(*(None if t is None else t.to("cpu", non_blocking=True) for t in on_device))
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(samples, host, copied)
+
+    def wait(self) -> StepResult:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+        def lists(t: torch.Tensor | None) -> list | None:
+            return None if t is None else t.tolist()
+
+        host = self.on_host
+        return StepResult(host.token_ids.tolist(), lists(host.logprobs), lists(host.top_token_ids),
+                          lists(host.top_logprobs))

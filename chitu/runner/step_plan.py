@@ -31,6 +31,7 @@ class StepPlan:
     sampling_rows: list[int] = field(default_factory=list)   # requests that sample a token after this step
     new_requests: dict[str, SamplingParams] = field(default_factory=dict)
     released: list[str] = field(default_factory=list)
+    tokens_from_previous: bool = False  # decode inputs are the previous step's samples, still on the device
 
     @classmethod
     def from_batch(cls, batch: Batch, new_requests: dict[str, SamplingParams], released: list[str]) -> StepPlan:
@@ -45,6 +46,16 @@ class StepPlan:
             if batch.samples(i):
                 plan.sampling_rows.append(i)
         return plan
+
+    @classmethod
+    def continuing(cls, batch: Batch, released: list[str]) -> StepPlan:
+        """The decode step after `batch` (whose tokens are not read yet) for the same requests: its input
+        tokens are `batch`'s samples, one position further."""
+        n = len(batch.requests)
+        return cls(request_ids=[r.request_id for r in batch.requests], token_ids=[0] * n, num_new_tokens=[1] * n,
+                   context_lens=[r.num_computed_tokens + 1 for r in batch.requests],
+                   block_tables=[r.block_table for r in batch.requests], sampling_rows=list(range(n)),
+                   released=released, tokens_from_previous=True)
 
     @property
     def num_tokens(self) -> int:
