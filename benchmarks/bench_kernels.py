@@ -19,7 +19,7 @@ from chitu.ops.torch_ref import activation as ref_activation
 from chitu.ops.torch_ref import attention as ref_attention
 from chitu.ops.torch_ref import norm as ref_norm
 from chitu.ops.torch_ref import rotary as ref_rotary
-from chitu.ops.triton import activation, attention, norm, rotary
+from chitu.ops.triton import activation, attention, gemv, norm, rotary
 
 DTYPE = torch.bfloat16
 TOKENS = 8192  # a large prefill step
@@ -114,10 +114,18 @@ def prefill_case(query_lens: list[int], context_lens: list[int]) -> Case:
                 flops=4 * pairs * HEADS * HEAD_DIM)
 
 
+def gemv_case(name: str, n: int, k: int) -> Case:
+    """One row times a weight matrix: the batch-1 decode projections, against cuBLAS (F.linear)."""
+    x, w = randn(1, k), randn(n, k)
+    return Case("gemv " + name, f"[1, {k}] x [{n}, {k}]^T", lambda: gemv.gemv(x, w),
+                lambda: torch.nn.functional.linear(x, w), w.nbytes)
+
+
 def main() -> None:
     torch.manual_seed(0)
     copy = copy_gbps()
-    cases = elementwise_cases() + [decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768),
+    cases = elementwise_cases() + [gemv_case("LM head", 128256, 4096), gemv_case("o_proj", 4096, 4096),
+                                   gemv_case("down_proj", 4096, 14336)] + [decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768),
                                    decode_case(1, 8192), prefill_case([2048], [2048]),
                                    prefill_case([512] * 4, [2048] * 4)]
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write)")

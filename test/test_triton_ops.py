@@ -16,7 +16,7 @@ from chitu.ops.torch_ref import activation as ref_activation  # noqa: E402
 from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, kv_store, norm, rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, gemv, kv_store, norm, rotary  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16]
@@ -101,6 +101,14 @@ def test_apply_rotary_matches_reference_bitwise(dtype, interleaved, head_dim, ro
 
 
 # ---- silu_and_mul
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (1000, 1037), (49152, 576), (4097, 4096)])
+def test_gemv(dtype, n, k):
+    x, w = randn(1, k, dtype=dtype), randn(n, k, dtype=dtype) / k**0.5
+    out = gemv.gemv(x, w, out=poisoned((1, n), dtype))
+    assert_close(out, torch.nn.functional.linear(x.float(), w.float()), ELEMENTWISE_TOL[dtype])
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,width", [(1, 128), (7, 1001), (130, 14336)])
