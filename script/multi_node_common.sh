@@ -38,6 +38,17 @@ mn_parse_hosts() {
     ((${#HOSTS[@]} > 0)) || mn_usage_error "empty host list '$1'"
 }
 
+# mn_hosts_gpus_port "h1,h2,..." <gpus_per_node> <cmd...>: fills HOSTS, GPUS and PORT (MASTER_PORT or the
+# default), checking each and that a command follows.
+mn_hosts_gpus_port() {
+    mn_parse_hosts "$1"
+    mn_check_count gpus_per_node "$2"
+    GPUS=$2
+    mn_check_command "${@:3}"
+    PORT=${MASTER_PORT:-$MN_DEFAULT_PORT}
+    mn_check_count MASTER_PORT "$PORT"
+}
+
 # mn_quote <args...>: the arguments as one shell-safe string.
 mn_quote() {
     local s

@@ -20,13 +20,8 @@ container=$1
 workdir=$2
 [[ -n $container ]] || mn_usage_error "empty container name"
 [[ -n $workdir ]] || mn_usage_error "empty pwd-in-container"
-mn_parse_hosts "$3"
-mn_check_count gpus_per_node "$4"
-gpus=$4
+mn_hosts_gpus_port "${@:3}"
 shift 4
-mn_check_command "$@"
-port=${MASTER_PORT:-$MN_DEFAULT_PORT}
-mn_check_count MASTER_PORT "$port"
 mn_forward_env --no-paths
 
 mn_remote_command() {
@@ -35,4 +30,4 @@ mn_remote_command() {
     echo "docker exec -t $(printf %q "$container") bash --login -c $(mn_squote "$inner")"
 }
 
-mn_ssh_launch "$gpus" "$port" "$@"
+mn_ssh_launch "$GPUS" "$PORT" "$@"

@@ -15,17 +15,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/multi_node_common.sh"
 USAGE="usage: $0 \"host1,host2,...\" <gpus_per_node> <command after torchrun>..."
 
 (($# >= 2)) || mn_usage_error "too few arguments"
-mn_parse_hosts "$1"
-mn_check_count gpus_per_node "$2"
-gpus=$2
+mn_hosts_gpus_port "$@"
 shift 2
-mn_check_command "$@"
-port=${MASTER_PORT:-$MN_DEFAULT_PORT}
-mn_check_count MASTER_PORT "$port"
 mn_forward_env
 
 mn_remote_command() {
     echo "cd $(printf %q "$PWD") && $(mn_env_torchrun)"
 }
 
-mn_ssh_launch "$gpus" "$port" "$@"
+mn_ssh_launch "$GPUS" "$PORT" "$@"

@@ -242,13 +242,18 @@ def real_env(fake_bin: Path, **extra: str) -> dict[str, str]:
     return clean_env(PATH=path, MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo", **extra)
 
 
-def test_ssh_real_run(fake_bin: Path, tmp_path: Path):
+@pytest.mark.parametrize("script,args,call", [
+    (SSH, ["127.0.0.1,127.0.0.1", "1", "{worker}"], "ssh 127.0.0.1"),
+    (SSH_DOCKER, ["box", "{dir}", "127.0.0.1,127.0.0.1", "1", "worker.py"], "docker box"),
+], ids=["ssh", "ssh_docker"])
+def test_real_run_over_two_nodes(script: Path, args: list[str], call: str, fake_bin: Path, tmp_path: Path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    result = launch(SSH, "127.0.0.1,127.0.0.1", "1", str(worker), env=real_env(fake_bin), timeout=90)
+    args = [a.format(worker=worker, dir=tmp_path) for a in args]
+    result = launch(script, *args, env=real_env(fake_bin), timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rank 0 of 2 sum 1" in result.stdout and "rank 1 of 2 sum 1" in result.stdout
-    assert (tmp_path / "calls.log").read_text().split("\n").count("ssh 127.0.0.1") == 2
+    assert (tmp_path / "calls.log").read_text().split("\n").count(call) == 2
 
 
 def test_ssh_real_run_failing_node(fake_bin: Path, tmp_path: Path):
@@ -259,16 +264,6 @@ def test_ssh_real_run_failing_node(fake_bin: Path, tmp_path: Path):
     assert result.returncode != 0
     assert "node 0 (localhost) failed" in result.stderr
     assert "node 1 (127.0.0.1) failed" not in result.stderr
-
-
-def test_ssh_docker_real_run(fake_bin: Path, tmp_path: Path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    result = launch(SSH_DOCKER, "box", str(tmp_path), "127.0.0.1,127.0.0.1", "1", "worker.py",
-                    env=real_env(fake_bin), timeout=90)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "rank 0 of 2 sum 1" in result.stdout and "rank 1 of 2 sum 1" in result.stdout
-    assert (tmp_path / "calls.log").read_text().split("\n").count("docker box") == 2
 
 
 def test_srun_real_run(fake_bin: Path, tmp_path: Path):
