@@ -32,7 +32,19 @@ class ServeSection:
     host: str = "0.0.0.0"
     port: int = 21002
     api_keys: list[ApiKey] = field(default_factory=list)
+    api_keys_file: Optional[str] = None
     require_api_key: bool = False
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_chars: Optional[int] = None  # null: 32 characters per token of infer.max_seq_len
+    max_stop_strings: int = 4
+    max_stop_chars: int = 1024
+    max_waiting_requests: int = 256
+    max_waiting_tokens: int = 1024 * 1024
+    max_connections: int = 1024
+    chat_template_timeout_s: float = 10.0
+
+    def prompt_char_limit(self, max_seq_len: int) -> int:
+        return self.max_prompt_chars or 32 * max_seq_len
 
 
 @dataclass
@@ -56,6 +68,8 @@ class InferSection:
     dp_size: int = 1
     ep_size: int = 1
     comm_timeout_s: float = 300.0
+    dist_init_timeout_s: float = 900.0
+    num_threads: Optional[int] = None
 
 
 @dataclass
@@ -137,7 +151,10 @@ CHOICES: dict[str, tuple] = {
 }
 
 POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_len", "infer.block_size",
-            "request.max_new_tokens", "infer.dp_size", "infer.ep_size")
+            "request.max_new_tokens", "infer.dp_size", "infer.ep_size", "serve.max_body_bytes", "serve.max_stop_chars",
+            "serve.max_waiting_requests", "serve.max_waiting_tokens", "serve.max_connections")
+# Keys that may be null; when set they must be positive.
+POSITIVE_OR_NULL = ("serve.max_prompt_chars", "infer.num_threads")
 
 # Keys whose feature is not built yet: a non-default value stops the start instead of being ignored.
 NOT_BUILT: dict[str, tuple[Any, str]] = {
@@ -182,6 +199,11 @@ def _check_values(config: ChituConfig) -> None:
     for key in POSITIVE:
         if get_key(config, key) < 1:
             raise ConfigError(f"{key}={get_key(config, key)} must be a positive integer")
+    for key in POSITIVE_OR_NULL:
+        if get_key(config, key) is not None and get_key(config, key) < 1:
+            raise ConfigError(f"{key}={get_key(config, key)} must be null or a positive integer")
+    if config.serve.max_stop_strings < 0:
+        raise ConfigError(f"serve.max_stop_strings={config.serve.max_stop_strings} must be >= 0")
     if not 1024 <= config.serve.port <= 65535 and config.serve.port != 0:
         raise ConfigError(f"serve.port={config.serve.port} must be in 1024..65535")
     if config.infer.num_blocks < -1 or config.infer.num_blocks == 0:
@@ -191,8 +213,9 @@ def _check_values(config: ChituConfig) -> None:
     chunk = config.infer.prefill_chunk_size
     if chunk is not None and chunk < config.infer.block_size:
         raise ConfigError(f"infer.prefill_chunk_size={chunk} must be null or >= infer.block_size")
-    if config.infer.comm_timeout_s <= 0:
-        raise ConfigError(f"infer.comm_timeout_s={config.infer.comm_timeout_s} must be positive")
+    for key in ("infer.comm_timeout_s", "infer.dist_init_timeout_s", "serve.chat_template_timeout_s"):
+        if get_key(config, key) <= 0:
+            raise ConfigError(f"{key}={get_key(config, key)} must be positive")
     pp = config.scheduler.pp_config
     for key, value in (("prefill_num_tasks", pp.prefill_num_tasks), ("decode_num_tasks", pp.decode_num_tasks)):
         if value < 1:

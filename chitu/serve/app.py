@@ -92,8 +92,6 @@ def create_app(async_engine: AsyncEngine, config: ChituConfig, metrics: ServeMet
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        logger.info("Serving model %s on http://%s:%d (OpenAI API under /v1)",
-                    config.models.name, config.serve.host, config.serve.port)
         yield
         logger.info("Stopping the engine; requests still in flight are aborted")
         async_engine.stop()

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 
 import uvicorn
 
@@ -26,6 +27,7 @@ def main(config: ChituConfig) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         follow_driver(config)
         return
+    listener = listen(config.serve.host, config.serve.port)  # first: a port in use fails before loading
     metrics = ServeMetrics()
     fatal: list[Exception] = []
     server: uvicorn.Server | None = None
@@ -38,16 +40,34 @@ def main(config: ChituConfig) -> None:
     engine = AsyncEngine(functools.partial(LLMEngine, config), metrics.observe_engine, stop_serving)
     engine.start()
     app = create_app(engine, config, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.serve.host, port=config.serve.port, log_config=None,
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                                           limit_concurrency=2 * config.serve.max_connections))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handler
     # it found at start; with these, that second delivery does nothing and the process exits with 0.
     for handled in (signal.SIGINT, signal.SIGTERM):
         signal.signal(handled, lambda signum, frame: None)
-    server.run()
+    host, port = listener.getsockname()[:2]
+    logger.info("Serving model %s on http://%s:%d (OpenAI API under /v1)", config.models.name, host, port)
+    server.run(sockets=[listener])
     if fatal:
         raise SystemExit(f"Chitu service stopped: {fatal[0]}")
     logger.info("Chitu service stopped")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before serving so that the log can name its real port (serve.port=0
+    takes a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def follow_driver(config: ChituConfig) -> None:
