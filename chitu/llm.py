@@ -47,7 +47,10 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
-        """Complete each prompt (text or token ids); results in the order of `prompts`."""
+        """Complete each prompt (text or token ids); results in the order of `prompts`. A request the
+        engine cannot serve (too long; a token id outside the vocabulary in `logit_bias` or
+        `stop_token_ids`) raises RequestRejected; where one field is at fault, an InvalidRequestField
+        naming it in `param`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run([self.engine.add_request(p, q) for p, q in zip(prompts, self._params_for(prompts, params))])

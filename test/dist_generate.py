@@ -1,6 +1,8 @@
 """Under torchrun (or plain python): complete a fixed set of token-id prompts — greedy with top-5
 logprobs, seeded sampling, and a frequency penalty, one request arriving late — and have rank 0
 write the tokens and logprobs as JSON. test_distributed.py compares tp/pp runs with one process.
+`--case=sampling` (anywhere among the arguments) uses the same prompts with min_p, repetition
+penalties and logit_bias instead (test_distributed_sampling.py).
 
     torchrun --nproc_per_node 2 test/dist_generate.py OUT.json models.ckpt_dir=<dir> infer.tp_size=2
 """
@@ -19,20 +21,34 @@ PARAMS = [
     SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, top_k=40, seed=7, stop_with_eos=False),
     SamplingParams(max_new_tokens=8, temperature=0, frequency_penalty=1.5, stop_with_eos=False),
 ]
+SAMPLING_PARAMS = [
+    SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=1.8, logprobs=True, top_logprobs=5,
+                   stop_with_eos=False),
+    SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.5, seed=3,
+                   stop_with_eos=False),
+    SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.95, top_k=40, min_p=0.05, repetition_penalty=1.3,
+                   logit_bias={3: 5.0}, seed=7, stop_with_eos=False),
+    SamplingParams(max_new_tokens=8, temperature=0, presence_penalty=0.5, repetition_penalty=0.7,
+                   logit_bias={10: 2.0, 11: -3.0}, stop_with_eos=False),
+]
+CASES = {"default": PARAMS, "sampling": SAMPLING_PARAMS}
 LATE_ARRIVAL_STEP = 3  # the last prompt joins while the others decode
 
 
 def main() -> None:
-    out_path, overrides = sys.argv[1], sys.argv[2:]
+    out_path, args = sys.argv[1], sys.argv[2:]
+    cases = [a.removeprefix("--case=") for a in args if a.startswith("--case=")]
+    params = CASES[cases[-1] if cases else "default"]
+    overrides = [a for a in args if not a.startswith("--case=")]
     engine = LLMEngine(compose_config(overrides), load_tokenizer=False)
     if not engine.is_driver:
         engine.follow_driver()
         return
-    requests = [engine.add_request(p, q) for p, q in zip(PROMPTS[:-1], PARAMS[:-1])]
+    requests = [engine.add_request(p, q) for p, q in zip(PROMPTS[:-1], params[:-1])]
     step = 0
     while engine.has_unfinished() or len(requests) < len(PROMPTS):
         if step == LATE_ARRIVAL_STEP:
-            requests.append(engine.add_request(PROMPTS[-1], PARAMS[-1]))
+            requests.append(engine.add_request(PROMPTS[-1], params[-1]))
         engine.step()
         step += 1
     engine.close()

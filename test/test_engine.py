@@ -1,8 +1,11 @@
 """The engine on the real default model (fp32): continuous batching, KV exhaustion, chunked prefill,
 admission limits, aborts and stop conditions."""
+import dataclasses
+
 import pytest
 
 from chitu import LLM, SamplingParams
+from chitu.engine.detokenizer import IncrementalDetokenizer
 from chitu.engine.engine import LLMEngine, RequestRejected
 
 QUESTIONS = ["What is machine learning?", "Name three primary colors.", "写一首关于月亮的短诗。",
@@ -121,3 +124,60 @@ def test_offline_api_takes_text_and_token_ids(llm, engine):
     by_ids = llm.generate([engine.tokenizer.encode("The capital of France is")], GREEDY)[0]
     assert by_text.token_ids == by_ids.token_ids and by_text.text == by_ids.text
     assert by_text.finish_reason in ("stop", "length") and by_text.text
+
+
+def test_stop_token_ids_end_with_stop_and_emit_no_text_of_their_own(llm, engine):
+    prompt = chat_prompts(engine)[0]
+    full = llm.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, stop_with_eos=False))[0]
+    stop = full.token_ids[4]
+    assert engine.tokenizer.hf.decode([stop]).strip()  # a token with text of its own
+    k = full.token_ids.index(stop)
+    stopped = llm.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, stop_with_eos=False,
+                                                    stop_token_ids=[0, stop]))[0]
+    assert stopped.token_ids == full.token_ids[:k + 1] and stopped.finish_reason == "stop"
+    detokenizer = IncrementalDetokenizer(engine.tokenizer.hf, prompt)
+    assert stopped.text == "".join(detokenizer.add(t) for t in full.token_ids[:k]) + detokenizer.flush()
+    assert len(stopped.text) < len(full.text)
+
+
+def test_out_of_vocabulary_token_ids_and_changed_fields_are_rejected(engine):
+    vocab = engine.model_config.vocab_size
+    prompt = chat_prompts(engine)[0]
+    mutated = SamplingParams()
+    mutated.top_k = 2.5
+    cases = [("logit_bias", prompt, SamplingParams(logit_bias={5: 1.0, vocab: -1.0}), f"logit_bias key {vocab} is"),
+             ("stop_token_ids", prompt, SamplingParams(stop_token_ids=[2, vocab + 7]),
+              f"stop_token_ids entry {vocab + 7} is"),
+             ("top_k", prompt, mutated, "top_k must be an integer, got 2.5")]
+    for param, ids, params, message in cases:
+        with pytest.raises(RequestRejected, match=message) as error:
+            engine.add_request(ids, params)
+        assert error.value.param == param
+    with pytest.raises(RequestRejected, match=rf"outside the vocabulary \[0, {vocab}\)"):
+        engine.add_request(prompt, SamplingParams(stop_token_ids=[vocab]))
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED])
+def test_logit_bias_of_100_forces_the_token(llm, engine, params):
+    forced = engine.tokenizer.encode(" banana")[-1]
+    out = llm.generate(chat_prompts(engine)[:2], dataclasses.replace(params, max_new_tokens=4,
+                                                                     logit_bias={forced: 100.0}))
+    assert [o.token_ids for o in out] == [[forced] * 4] * 2
+
+
+def test_repetition_penalty_changes_greedy_and_is_never_overlapped(engine, alone):
+    """The penalty needs each step's tokens on the host, so overlap_steps leaves its requests alone."""
+    params = dataclasses.replace(GREEDY, repetition_penalty=1.5)
+    prompt = chat_prompts(engine)[0]
+    penalised = run_alone(engine, prompt, params)
+    assert penalised != alone["greedy"][0]
+    engine.overlap_steps = True
+    try:
+        request = engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            engine.step()
+            assert not any(f.plan.tokens_from_previous for f in engine.in_flight)
+    finally:
+        engine.overlap_steps = False
+    assert request.output_token_ids == penalised

@@ -17,7 +17,7 @@ from chitu.distributed.parallel_state import check_world_size
 from chitu.engine.detokenizer import IncrementalDetokenizer
 from chitu.engine.kv_cache import BlockManager
 from chitu.engine.request import Request, TokenLogprob
-from chitu.engine.sampling_params import SamplingParams
+from chitu.engine.sampling_params import InvalidSamplingParam, SamplingParams
 from chitu.engine.scheduler import Batch, Scheduler, micro_batch_limits
 from chitu.engine.worker import Worker
 from chitu.runner.model_runner import PendingSamples
@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 
 class RequestRejected(ValueError):
     """A request the engine cannot serve as asked (too long for infer.max_seq_len, …)."""
+
+
+class InvalidRequestField(RequestRejected):
+    """A rejected request whose fault lies in one field: a sampling parameter out of range, or a token
+    id (logit_bias key, stop_token_ids entry) outside the vocabulary; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 class StepError(RuntimeError):
@@ -122,7 +131,10 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     priority: int = 0) -> Request:
+        """Admit a request, or raise RequestRejected: its length and every sampling setting are checked
+        here, so that none can fail inside a step. (Token-id prompts are the caller's to check.)"""
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_params(params)
         self._check_length(len(token_ids), params.max_new_tokens)
         request = Request(request_id or uuid.uuid4().hex, token_ids, params, priority)
         if self.tokenizer is not None:
@@ -130,6 +142,19 @@ class LLMEngine:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
         return request
+
+    def _check_params(self, params: SamplingParams) -> None:
+        try:
+            params.validate()  # again: its fields may have been changed since it was made
+        except InvalidSamplingParam as e:
+            raise InvalidRequestField(e.param, str(e)) from None
+        vocab_size = self.model_config.vocab_size
+        named_ids = (("logit_bias", "logit_bias key", params.logit_bias or ()),
+                     ("stop_token_ids", "stop_token_ids entry", params.stop_token_ids))
+        for param, what, token_ids in named_ids:
+            bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestField(param, f"{what} {bad} is outside the vocabulary [0, {vocab_size})")
 
     def _check_length(self, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -186,7 +211,7 @@ class LLMEngine:
         device, before they are read (not with penalties: they need this step's tokens on the host)."""
         last = self.in_flight[-1]
         if (not self.overlap_steps or len(self.in_flight) != 1 or last.pending is None
-                or any(r.params.frequency_penalty or r.params.presence_penalty for r in last.batch.requests)
+                or any(r.params.needs_token_history for r in last.batch.requests)
                 or not self.scheduler.continue_decode(last.batch, self.max_model_tokens)):
             return
         batch = Batch(is_prefill=False, requests=list(last.batch.requests), num_new_tokens=[1] * len(last.batch.requests))
@@ -257,19 +282,26 @@ class LLMEngine:
                     if result.top_token_ids is not None else []
                 output.new_logprobs.append(TokenLogprob(token_id, result.logprobs[i], top))
                 request.logprobs.extend(output.new_logprobs)
-            detokenizer = request.detokenizer
-            output.new_text = detokenizer.add(token_id) if detokenizer else ""
             reason = self._stop_reason(request, token_id)
+            if request.detokenizer is not None:
+                output.new_text = self._detokenize(request.detokenizer, token_id, reason)
             if reason:
-                output.new_text += detokenizer.flush() if detokenizer else ""
                 self._finish(request, reason)
             outputs.append(output)
         return outputs
 
+    @staticmethod
+    def _detokenize(detokenizer: IncrementalDetokenizer, token_id: int, reason: str | None) -> str:
+        """The text a new token adds; a stop token (EOS or a stop_token_ids entry) adds none of its own,
+        and a finished request's held-back text is flushed."""
+        text = "" if reason == "stop" else detokenizer.add(token_id)
+        return text + detokenizer.flush() if reason else text
+
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
-        if request.params.stop_with_eos and token_id in self.eos_token_ids:
+        params = request.params
+        if token_id in params.stop_token_ids or (params.stop_with_eos and token_id in self.eos_token_ids):
             return "stop"
-        if len(request.output_token_ids) >= request.params.max_new_tokens or request.num_tokens >= self.max_model_tokens:
+        if len(request.output_token_ids) >= params.max_new_tokens or request.num_tokens >= self.max_model_tokens:
             return "length"
         return None
 

@@ -69,7 +69,8 @@ class ModelRunner:
         if not self.parallel.is_sampler or not plan.sampling_rows:
             return None
         request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
-        sampling = SamplingBatch.build(*self.sampling.rows(request_ids), self.device)
+        params, output_tokens, prompt_tokens = self.sampling.rows(request_ids)
+        sampling = SamplingBatch.build(params, output_tokens, self.device, prompt_tokens)
         return PendingSamples.start_copy(self.sampler(logits, sampling))
 
     def collect(self, plan: StepPlan, pending: PendingSamples) -> StepResult:

@@ -14,8 +14,11 @@ class RowParams:
     temperature: float
     top_p: float
     top_k: int
+    min_p: float = 0.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
     generator: torch.Generator | None = None
     top_logprobs: int = 0
     logprobs: bool = False
@@ -25,8 +28,12 @@ class RowParams:
         return self.temperature == 0 or self.top_k == 1
 
     @property
-    def has_penalty(self) -> bool:
+    def counts_tokens(self) -> bool:
         return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def repeats(self) -> bool:
+        return self.repetition_penalty != 1
 
     @property
     def filters(self) -> bool:
@@ -41,9 +48,14 @@ class SamplingBatch:
     temperature: torch.Tensor | None        # [B] float32; 0 means greedy
     top_p: torch.Tensor | None              # [B] float32 in (0, 1]
     top_k: torch.Tensor | None              # [B] int64; -1 or 0 = disabled
+    min_p: torch.Tensor | None              # [B] float32; 0 = disabled
     frequency_penalty: torch.Tensor | None  # [B] float32
     presence_penalty: torch.Tensor | None   # [B] float32
+    repetition_penalty: torch.Tensor | None  # [B] float32; 1 = disabled
     output_tokens: torch.Tensor | None      # [B, L] int64, generated tokens padded with -1
+    prompt_tokens: torch.Tensor | None      # [B, P] int64, the prompt's ids in rows with a repetition penalty, else -1
+    logit_bias_index: torch.Tensor | None   # [2, N] int64: (row, token id) of each bias
+    logit_bias: torch.Tensor | None         # [N] float32
     generators: list[torch.Generator | None]
     num_top_logprobs: int            # max over the batch of requested top_logprobs
     need_logprobs: bool
@@ -53,22 +65,30 @@ class SamplingBatch:
     candidate_count: int = 0  # the largest top_k when every sampled row has one, else 0 (the whole vocabulary)
 
     @classmethod
-    def build(cls, params: list[RowParams], output_tokens: list[list[int]],
-              device: torch.device | str) -> SamplingBatch:
-        """Batch the rows' settings, copying to the device only what the batch uses."""
+    def build(cls, params: list[RowParams], output_tokens: list[list[int]], device: torch.device | str,
+              prompt_tokens: list[torch.Tensor | None] | None = None) -> SamplingBatch:
+        """Batch the rows' settings, copying to the device only what the batch uses. `prompt_tokens` are
+        needed only for rows with a repetition penalty (None elsewhere); 1-D, ideally on the device already."""
         sampled = [p for p in params if not p.is_greedy]
-        penalised = any(p.has_penalty for p in params)
+        counted = any(p.counts_tokens for p in params)
+        repeated = any(p.repeats for p in params)
 
         def tensor(field: str, dtype: torch.dtype, needed: bool) -> torch.Tensor | None:
             return torch.tensor([getattr(p, field) for p in params], dtype=dtype, device=device) if needed else None
 
+        bias_index, bias = _logit_bias(params, device)
         return cls(
             temperature=tensor("temperature", torch.float32, bool(sampled)),
             top_p=tensor("top_p", torch.float32, bool(sampled)),
             top_k=tensor("top_k", torch.int64, bool(sampled)),
-            frequency_penalty=tensor("frequency_penalty", torch.float32, penalised),
-            presence_penalty=tensor("presence_penalty", torch.float32, penalised),
-            output_tokens=_pad(output_tokens).to(device) if penalised else None,
+            min_p=tensor("min_p", torch.float32, any(p.min_p > 0 for p in sampled)),
+            frequency_penalty=tensor("frequency_penalty", torch.float32, counted),
+            presence_penalty=tensor("presence_penalty", torch.float32, counted),
+            repetition_penalty=tensor("repetition_penalty", torch.float32, repeated),
+            output_tokens=_pad(output_tokens).to(device) if counted or repeated else None,
+            prompt_tokens=_pad_prompts(params, prompt_tokens, device) if repeated else None,
+            logit_bias_index=bias_index,
+            logit_bias=bias,
             generators=[p.generator for p in params],
             num_top_logprobs=max((p.top_logprobs for p in params), default=0),
             need_logprobs=any(p.logprobs or p.top_logprobs for p in params),
@@ -91,7 +111,7 @@ class Sampler(nn.Module):
         logits = logits.float()
         # Logprobs describe the model's own distribution: raw logits, before penalties and temperature.
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.need_logprobs else None
-        logits = apply_penalties(logits, batch)
+        logits = apply_logit_bias(apply_penalties(logits, batch), batch)
         token_ids = logits.argmax(dim=-1)
         if not batch.all_greedy:
             is_greedy = (batch.temperature == 0) | (batch.top_k == 1)
@@ -106,23 +126,43 @@ class Sampler(nn.Module):
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """OpenAI frequency and presence penalties over each row's generated tokens; returns a new tensor."""
-    if batch.output_tokens is None or batch.output_tokens.shape[1] == 0:
-        return logits
+    """The repetition penalty over each row's prompt and generated tokens (each distinct token once), then
+    OpenAI's frequency and presence penalties over its generated tokens; a new tensor where any applies."""
     vocab_size = logits.shape[-1]
-    # The -1 padding is counted in a spare column past the vocabulary, then dropped.
-    token_ids = batch.output_tokens.masked_fill(batch.output_tokens < 0, vocab_size)
-    counts = torch.zeros(logits.shape[0], vocab_size + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=logits.dtype))
-    counts = counts[:, :vocab_size]
+    if batch.repetition_penalty is not None:
+        seen = _token_counts(torch.cat([batch.prompt_tokens, batch.output_tokens], dim=1), vocab_size) > 0
+        penalty = batch.repetition_penalty[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if batch.frequency_penalty is None or batch.output_tokens.shape[1] == 0:
+        return logits
+    counts = _token_counts(batch.output_tokens, vocab_size)
     return (logits - batch.frequency_penalty[:, None] * counts
             - batch.presence_penalty[:, None] * (counts > 0).to(logits.dtype))
 
 
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Each row's logit_bias added to its tokens' logits; a new tensor where any applies."""
+    if batch.logit_bias is None:
+        return logits
+    return logits.index_put(tuple(batch.logit_bias_index), batch.logit_bias, accumulate=True)
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, vocab] float32: how often each token occurs in each row of `token_ids` (-1 is padding)."""
+    # The padding is counted in a spare column past the vocabulary, then dropped.
+    token_ids = token_ids.masked_fill(token_ids < 0, vocab_size)
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.float32, device=token_ids.device)
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """A token per row drawn from softmax(logits / T) after top-k and top-p; greedy rows get junk."""
+    """A token per row drawn from softmax(logits / T) after min_p, top-k and top-p; greedy rows get junk."""
     temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
     logits = logits / temperature[:, None]
+    if batch.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if not batch.needs_top_k_top_p:
         return _exponential_race(logits.softmax(dim=-1), batch.generators)
     # Only the best `candidate_count` tokens can survive top-k: a partial topk instead of a full sort.
@@ -170,3 +210,20 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
     width = max(map(len, rows), default=0)
     padded = [row + [-1] * (width - len(row)) for row in rows]
     return torch.tensor(padded, dtype=torch.int64).view(len(rows), width)
+
+
+def _pad_prompts(params: list[RowParams], prompt_tokens: list[torch.Tensor | None] | None,
+                 device: torch.device | str) -> torch.Tensor:
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    rows = [t.to(device) if p.repeats else empty for p, t in zip(params, prompt_tokens, strict=True)]
+    return nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)
+
+
+def _logit_bias(params: list[RowParams], device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (row, token id) index and the values of every row's logit_bias, or None where no row has one."""
+    entries = [(row, token_id, bias) for row, p in enumerate(params) for token_id, bias in (p.logit_bias or {}).items()]
+    if not entries:
+        return None, None
+    rows, token_ids, biases = zip(*entries)
+    return (torch.tensor([rows, token_ids], dtype=torch.int64, device=device),
+            torch.tensor(biases, dtype=torch.float32, device=device))

@@ -2,7 +2,8 @@
 
 A plan is plain data, so it can be pickled to the other ranks: the scheduler's Batch of Requests
 reduced to token ids, cache positions and block tables, plus the sampling settings of requests the
-sampling rank has not seen yet and the ids of those it may forget.
+sampling rank has not seen yet (with the prompt of those whose repetition penalty covers it) and the
+ids of those it may forget.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class StepPlan:
     block_tables: list[list[int]] = field(default_factory=list)
     sampling_rows: list[int] = field(default_factory=list)   # requests that sample a token after this step
     new_requests: dict[str, SamplingParams] = field(default_factory=dict)
+    prompt_token_ids: dict[str, list[int]] = field(default_factory=dict)  # new requests whose sampling reads them
     released: list[str] = field(default_factory=list)
     tokens_from_previous: bool = False  # decode inputs are the previous step's samples, still on the device
 
@@ -45,6 +47,8 @@ class StepPlan:
             plan.block_tables.append(request.block_table)
             if batch.samples(i):
                 plan.sampling_rows.append(i)
+            if request.request_id in new_requests and request.params.penalises_prompt:
+                plan.prompt_token_ids[request.request_id] = request.prompt_token_ids
         return plan
 
     @classmethod

@@ -1,0 +1,31 @@
+"""Repetition penalties (which ship each prompt to the sampling rank), min_p and logit_bias under
+tensor and pipeline parallelism: every layout must reproduce one process (dist_generate.py's
+`--case=sampling`), as test_distributed.py checks for the default sampling settings."""
+import pytest
+
+from test_distributed import SPLIT_DECODE, assert_same_generation, checkpoints, generate  # noqa: F401 (a fixture)
+
+CASE = "--case=sampling"
+LAYOUTS = [
+    ("llama", 2, ["infer.pp_size=2", *SPLIT_DECODE]),
+    ("llama", 2, ["infer.tp_size=2"]),
+    ("qwen3", 2, ["infer.pp_size=2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, tmp_path_factory) -> dict[str, list[dict]]:
+    tmp = tmp_path_factory.mktemp("reference")
+    return {name: generate(tmp, 1, [CASE, f"models.ckpt_dir={path}"]) for name, path in checkpoints.items()}
+
+
+def test_the_penalties_change_the_tokens(checkpoints, reference, tmp_path):
+    """The first prompt is greedy in both cases, with a repetition penalty only in this one."""
+    plain = generate(tmp_path, 1, [f"models.ckpt_dir={checkpoints['llama']}"])
+    assert reference["llama"][0]["tokens"] != plain[0]["tokens"]
+
+
+@pytest.mark.parametrize("model,nproc,layout", LAYOUTS, ids=[f"{m}-{o[0]}" for m, _, o in LAYOUTS])
+def test_parallel_layout_samples_like_one_process(model, nproc, layout, checkpoints, reference, tmp_path):
+    out = generate(tmp_path, nproc, [CASE, f"models.ckpt_dir={checkpoints[model]}", *layout])
+    assert_same_generation(out, reference[model])
