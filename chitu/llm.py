@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from chitu.config import ChituConfig, compose_config
-from chitu.engine.engine import LLMEngine
+from chitu.engine.engine import LLMEngine, RequestRejected
 from chitu.engine.request import Request, TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
 
@@ -53,7 +53,15 @@ class LLM:
         naming it in `param`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run([self.engine.add_request(p, q) for p, q in zip(prompts, self._params_for(prompts, params))])
+        requests: list[Request] = []
+        try:
+            for prompt, prompt_params in zip(prompts, self._params_for(prompts, params)):
+                requests.append(self.engine.add_request(prompt, prompt_params))
+        except RequestRejected:
+            for request in requests:  # all or nothing: the accepted ones must not linger in the engine
+                self.engine.abort(request.request_id)
+            raise
+        return self._run(requests)
 
     def chat(self, conversations: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
              params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -33,7 +33,13 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
         """Token ids of `messages` rendered by the model's chat template, ready for the assistant's turn."""
+        return self.encode_rendered(self.render_chat(messages, **template_kwargs))
+
+    def render_chat(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> str:
         if not self.hf.chat_template:
             raise ValueError("this model's tokenizer has no chat template: send a plain prompt instead")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+        return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered chat carries its special tokens itself."""
         return self.hf.encode(text, add_special_tokens=False)

@@ -2,16 +2,9 @@
 client and plain `requests`. One server for the whole module (SmolLM2-135M, float32 for exact greedy)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import openai
@@ -19,67 +12,11 @@ import pytest
 import requests
 
 from chitu.tokenizer import Tokenizer
+from server_process import ServerProcess, running_server
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_SEQ_LEN = 256
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "What is machine learning?"}]
-
-
-class ServerProcess:
-    """`python -m chitu` (or `<launcher> -m chitu`, e.g. torchrun) on a free port, logging to `run_dir`;
-    stopped with SIGTERM."""
-
-    def __init__(self, run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (sys.executable,)):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = run_dir / "server.log"
-        command = [*launcher, "-m", "chitu", f"serve.port={port}", "serve.host=127.0.0.1",
-                   f"hydra.run.dir={run_dir}", *overrides]
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log()}")
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            time.sleep(0.5)
-        self.process.kill()
-        pytest.fail(f"the server did not get ready in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-5000:]
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
-
-    def metrics(self) -> dict[str, float]:
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
-        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
-
-
-@contextlib.contextmanager
-def running_server(run_dir: Path, *overrides: str) -> Iterator[ServerProcess]:
-    """A server for a test module; on exit it must shut down cleanly on SIGTERM."""
-    server = ServerProcess(run_dir, *overrides)
-    try:
-        yield server
-    finally:
-        returncode = server.stop()
-    assert returncode == 0, server.log()
-    assert "Chitu service stopped" in server.log()
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +119,26 @@ def test_completions_logprobs(client):
     assert logprobs.text_offset[0] == 0 and all(len(top) <= 2 for top in logprobs.top_logprobs)
 
 
+def test_logprob_bytes_of_an_emoji_are_its_utf8(client, tokenizer):
+    """The emoji's byte tokens decode to U+FFFD one by one; their logprob bytes are the real bytes. Each is
+    forced with logit_bias, one request per token."""
+    token_ids = tokenizer.hf.encode("😀", add_special_tokens=False)
+    assert len(token_ids) > 1
+    joined = b""
+    for token_id in token_ids:
+        answer = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=1,
+                                                temperature=0, logprobs=True, logit_bias={str(token_id): 100})
+        joined += bytes(answer.choices[0].logprobs.content[0].bytes)
+    assert joined == "😀".encode()
+
+
+def test_completions_top_logprobs_keep_every_alternative(client):
+    """Byte tokens all decode to U+FFFD: keyed by that text, alternatives would overwrite each other."""
+    whole = client.completions.create(model="SmolLM2-135M-Instruct", prompt="My favourite emoji: 😀😃😄😁🙂",
+                                      max_tokens=4, temperature=0, logprobs=20)
+    assert [len(top) for top in whole.choices[0].logprobs.top_logprobs] == [20] * 4
+
+
 def test_stop_strings(client):
     free = client.completions.create(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=12,
                                      temperature=0, extra_body={"stop_with_eos": False})
@@ -282,35 +239,70 @@ def test_whole_response_client_timeout_aborts(server):
 BAD_CHAT = [
     ("{not json", 400, None),
     ("[1, 2]", 400, None),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, None),
+    ('{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400, None),
+    ('{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),  # a lone surrogate
+    (b'{"messages": [{"role": "user", "content": "\xff"}]}', 400, None),  # not UTF-8
+    ("[" * 100_000 + "]" * 100_000, 400, None),
     ({"messages": CHAT, "temperature": "hot"}, 400, "temperature"),
     ({"messages": CHAT, "max_tokens": "10"}, 400, "max_tokens"),
     ({"messages": CHAT, "stream": "yes"}, 400, "stream"),
     ({"messages": "hello"}, 400, "messages"),
     ({"max_tokens": 5}, 400, "messages"),
     ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, 400, "messages.0.tool_calls"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages.0.content"),
     ({"messages": CHAT, "temperature": -0.5}, 400, "temperature"),
+    ({"messages": CHAT, "temperature": 2.5}, 400, "temperature"),
     ({"messages": CHAT, "top_p": 0}, 400, "top_p"),
     ({"messages": CHAT, "top_p": 1.5}, 400, "top_p"),
     ({"messages": CHAT, "top_k": -2}, 400, "top_k"),
+    ({"messages": CHAT, "top_k": 2**63}, 400, "top_k"),
+    ({"messages": CHAT, "top_k": 1.5}, 400, "top_k"),
+    ({"messages": CHAT, "seed": 2**64}, 400, "seed"),
+    ({"messages": CHAT, "seed": -2**63 - 1}, 400, "seed"),
+    ({"messages": CHAT, "min_p": 1.5}, 400, "min_p"),
+    ({"messages": CHAT, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"messages": CHAT, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"messages": CHAT, "presence_penalty": -3}, 400, "presence_penalty"),
     ({"messages": CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": CHAT, "max_tokens": 10**30}, 400, "max_tokens"),
     ({"messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ({"messages": CHAT, "top_logprobs": 2}, 400, None),
     ({"messages": CHAT, "model": "gpt-4o"}, 400, "model"),
     ({"messages": CHAT, "n": 2}, 400, "n"),
     ({"messages": CHAT, "max_tokens": MAX_SEQ_LEN}, 400, "messages"),
-]
+    ({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": CHAT, "stop": "x" * 200_000}, 400, "stop"),
+    ({"messages": CHAT, "stop": [1]}, 400, "stop"),
+    ({"messages": CHAT, "stop_token_ids": [10**7]}, 400, "stop_token_ids"),
+    ({"messages": CHAT, "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ({"messages": CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"messages": CHAT, "logit_bias": {str(i): 1 for i in range(301)}}, 400, "logit_bias"),
+    ({"messages": CHAT, "logit_bias": {"10000000": 1}}, 400, "logit_bias"),
+    ({"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format.type"),
+    ({"messages": CHAT, "stream_options": {"include_usage": True, "extra": 1}}, 400, "stream_options.extra"),
+    ({"messages": CHAT, "chat_template_kwargs": {"chat_template": "{{ 'a' * 20000000 }}"}}, 400,
+     "chat_template_kwargs.chat_template"),
+    ({"messages": CHAT, "chat_template_kwargs": {"tokenize": False}}, 400, "chat_template_kwargs.tokenize"),
+    ({"messages": [{"role": "user", "content": "x" * (32 * MAX_SEQ_LEN + 1)}]}, 400, "messages"),
+] + [({"messages": CHAT, field: value}, 400, field) for field, value in [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"), ("functions", []),
+    ("parallel_tool_calls", True), ("audio", {}), ("modalities", ["text"]), ("prediction", {}), ("best_of", 2),
+    ("echo", True), ("suffix", "x"), ("store", True), ("metadata", {}), ("service_tier", "auto")]]
 
 
 @pytest.mark.parametrize("body,status,param", BAD_CHAT, ids=[str(i) for i in range(len(BAD_CHAT))])
 def test_bad_chat_requests(server, body, status, param):
-    data = body if isinstance(body, str) else json.dumps(body)
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     response = requests.post(f"{server.url}/v1/chat/completions", data=data, timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+    assert "Traceback" not in error["message"] and "/chitu/" not in error["message"]
 
 
 def test_too_long_prompt_message_gives_the_numbers(server):
@@ -322,7 +314,9 @@ def test_too_long_prompt_message_gives_the_numbers(server):
 
 
 @pytest.mark.parametrize("body,param", [({"prompt": [10**7]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
-                                        ({"max_tokens": 3}, "prompt"), ({"prompt": "x", "logprobs": 21}, "logprobs")])
+                                        ({"max_tokens": 3}, "prompt"), ({"prompt": "x", "logprobs": 21}, "logprobs"),
+                                        ({"prompt": "x" * 1_000_000}, "prompt"), ({"prompt": [5] * 300}, "prompt"),
+                                        ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "best_of": 3}, "best_of")])
 def test_bad_completion_requests(server, body, param):
     response = requests.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

@@ -1,11 +1,13 @@
-"""The engine thread around a real engine in this process: a failing step costs only its own requests,
-an idle thread sleeps, and stopping aborts what is in flight and frees its KV blocks."""
+"""The engine thread around a real engine in this process: a failing step costs only the request at fault
+(a step over several is retried with each alone), an idle thread sleeps, and stopping aborts what is in
+flight and frees its KV blocks."""
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from chitu.config import compose_config
 from chitu.engine.engine import LLMEngine, RequestRejected
@@ -18,7 +20,7 @@ GREEDY = SamplingParams(max_new_tokens=12, temperature=0, stop_with_eos=False)
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path) -> LLMEngine:
-    return LLMEngine(compose_config(["infer.max_seq_len=128", "infer.max_reqs=4"]))
+    return LLMEngine(compose_config(["infer.max_seq_len=128", "infer.max_reqs=4", "dtype=float32"]))
 
 
 def run_with(engine: LLMEngine, scenario) -> None:
@@ -40,16 +42,48 @@ async def tokens(stream: RequestStream) -> list[int]:
     return [token async for delta in stream for token in delta.token_ids]
 
 
-def test_failed_step_costs_only_its_requests(engine):
+POISON = 4242  # a token id the model below cannot take: no input reaches such a failure, so one is made
+
+
+@pytest.fixture
+def poisoned(engine, monkeypatch) -> LLMEngine:
+    """The engine, its model failing any step whose input holds POISON."""
+    model = engine.worker.runner.model
+    forward = model.forward
+
+    def failing_forward(token_ids, *args, **kwargs):
+        if isinstance(token_ids, torch.Tensor) and bool((token_ids == POISON).any()):
+            raise RuntimeError("poisoned input")
+        return forward(token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_forward)
+    return engine
+
+
+def test_failed_step_costs_only_the_request_at_fault(poisoned):
     async def scenario(async_engine: AsyncEngine) -> None:
         reference = await tokens(await async_engine.add("reference", PROMPT, GREEDY))
-        good = await async_engine.add("good", PROMPT, GREEDY)
-        first = await anext(good)  # `good` is decoding when the bad prompt's prefill step fails
-        bad = await async_engine.add("bad", [engine.model_config.vocab_size + 7], GREEDY)
-        with pytest.raises(EngineError, match="the engine failed"):
+        decoding = await async_engine.add("decoding", PROMPT, GREEDY)
+        first = await anext(decoding)  # decoding while the bad prompt's prefill fails alone
+        bad = await async_engine.add("bad", [*PROMPT, POISON], GREEDY)
+        with pytest.raises(EngineError, match=r"the engine failed while running this request \(bad\)"):
             await anext(bad)
-        assert first.token_ids + await tokens(good) == reference
+        assert first.token_ids + await tokens(decoding) == reference
+        # in one prefill with the bad prompt: the failed step is retried with each alone
+        together = [await async_engine.add(f"good{i}", PROMPT, GREEDY) for i in range(2)]
+        bad = await async_engine.add("bad2", [POISON, *PROMPT], GREEDY)
+        assert [await tokens(stream) for stream in together] == [reference] * 2
+        with pytest.raises(EngineError):
+            await tokens(bad)
         assert await tokens(await async_engine.add("after", PROMPT, GREEDY)) == reference
+
+    run_with(poisoned, scenario)
+
+
+def test_out_of_vocabulary_prompt_ids_are_rejected(engine):
+    async def scenario(async_engine: AsyncEngine) -> None:
+        with pytest.raises(RequestRejected, match="prompt token id"):
+            await async_engine.add("bad", [engine.model_config.vocab_size + 7], GREEDY)
 
     run_with(engine, scenario)
 

@@ -10,8 +10,10 @@ from typing import Callable, Sequence
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from chitu.errors import UserError
 from chitu.config.schema import ChituConfig, ConfigError, validate_config
@@ -57,12 +59,14 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
             directory, name = config_location()
         except ConfigError as e:
             sys.exit(f"config error: {e}")
-        sys.argv += search_path_override(directory)
+        secrets = [arg for arg in sys.argv[1:] if _is_secret_override(arg)]
+        sys.argv = [arg for arg in sys.argv if arg not in secrets] + search_path_override(directory)
 
         @hydra.main(config_path=directory, config_name=name, version_base=None)
         @functools.wraps(task)
         def run(cfg: DictConfig) -> object:
             try:
+                _apply_secret_overrides(cfg, secrets)
                 return task(validate_config(cfg))
             except UserError as e:
                 logger.error("%s: %s", type(e).__name__, e)
@@ -71,3 +75,28 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
         return run()
 
     return main
+
+
+# API keys given on the command line are kept from Hydra, which would write them into outputs/ and
+# print them with its errors; they are merged into the config afterwards, and the saved copy of the
+# config (outputs/…/.hydra/config.yaml) shows them redacted.
+SECRET_KEYS = ("serve.api_keys",)
+REDACTED = "<redacted>"
+
+
+def _is_secret_override(arg: str) -> bool:
+    return any(arg.lstrip("+~").startswith(f"{key}=") for key in SECRET_KEYS)
+
+
+def _apply_secret_overrides(cfg: DictConfig, secrets: list[str]) -> None:
+    try:
+        overrides = OverridesParser.create().parse_overrides(secrets)
+    except HydraException as e:
+        raise ConfigError(f"bad override of serve.api_keys: {e}") from None
+    for override in overrides:
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False, force_add=True)
+    saved = Path(HydraConfig.get().runtime.output_dir) / str(HydraConfig.get().output_subdir) / "config.yaml"
+    if saved.is_file() and OmegaConf.select(cfg, "serve.api_keys"):
+        redacted = cfg.copy()
+        redacted.serve.api_keys = [REDACTED] * len(cfg.serve.api_keys)
+        OmegaConf.save(redacted, saved)

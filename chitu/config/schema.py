@@ -41,7 +41,7 @@ class ServeSection:
     max_waiting_requests: int = 256
     max_waiting_tokens: int = 1024 * 1024
     max_connections: int = 1024
-    chat_template_timeout_s: float = 10.0
+    prompt_timeout_s: float = 10.0
 
     def prompt_char_limit(self, max_seq_len: int) -> int:
         return self.max_prompt_chars or 32 * max_seq_len
@@ -213,7 +213,7 @@ def _check_values(config: ChituConfig) -> None:
     chunk = config.infer.prefill_chunk_size
     if chunk is not None and chunk < config.infer.block_size:
         raise ConfigError(f"infer.prefill_chunk_size={chunk} must be null or >= infer.block_size")
-    for key in ("infer.comm_timeout_s", "infer.dist_init_timeout_s", "serve.chat_template_timeout_s"):
+    for key in ("infer.comm_timeout_s", "infer.dist_init_timeout_s", "serve.prompt_timeout_s"):
         if get_key(config, key) <= 0:
             raise ConfigError(f"{key}={get_key(config, key)} must be positive")
     pp = config.scheduler.pp_config

@@ -1,6 +1,7 @@
 """The engine: admits requests, runs scheduler → runner → sampler steps, reports what each step made."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from chitu.engine.request import Request, TokenLogprob
 from chitu.engine.sampling_params import InvalidSamplingParam, SamplingParams
 from chitu.engine.scheduler import Batch, Scheduler, micro_batch_limits
 from chitu.engine.worker import Worker
-from chitu.runner.model_runner import PendingSamples
+from chitu.runner.model_runner import PendingSamples, SamplingFailed
 from chitu.runner.step_plan import PlanKind, StepPlan, StepResult
 from chitu.tokenizer import Tokenizer
 
@@ -41,11 +42,14 @@ class InvalidRequestField(RequestRejected):
 
 
 class StepError(RuntimeError):
-    """A step failed; `requests` are the ones it ran, whose state can no longer be trusted."""
+    """A step failed; `requests` are the ones it ran, whose state can no longer be trusted. Raised by
+    `step()` only for a step that ran one request: a failed step over several is retried with each of
+    its requests alone, so that only the one at fault fails."""
 
-    def __init__(self, requests: list[Request]):
+    def __init__(self, requests: list[Request], ranks_in_step: bool = True):
         super().__init__(f"an engine step over {len(requests)} request(s) failed")
         self.requests = requests
+        self.ranks_in_step = ranks_in_step  # False: other ranks may wait in a collective rank 0 never joins
 
 
 @dataclass
@@ -134,7 +138,7 @@ class LLMEngine:
         """Admit a request, or raise RequestRejected: its length and every sampling setting are checked
         here, so that none can fail inside a step. (Token-id prompts are the caller's to check.)"""
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_params(params)
+        self._check_params(params, token_ids)
         self._check_length(len(token_ids), params.max_new_tokens)
         request = Request(request_id or uuid.uuid4().hex, token_ids, params, priority)
         if self.tokenizer is not None:
@@ -143,13 +147,13 @@ class LLMEngine:
         self.scheduler.add(request)
         return request
 
-    def _check_params(self, params: SamplingParams) -> None:
+    def _check_params(self, params: SamplingParams, prompt: list[int]) -> None:
         try:
             params.validate()  # again: its fields may have been changed since it was made
         except InvalidSamplingParam as e:
             raise InvalidRequestField(e.param, str(e)) from None
         vocab_size = self.model_config.vocab_size
-        named_ids = (("logit_bias", "logit_bias key", params.logit_bias or ()),
+        named_ids = (("prompt", "prompt token id", prompt), ("logit_bias", "logit_bias key", params.logit_bias or ()),
                      ("stop_token_ids", "stop_token_ids entry", params.stop_token_ids))
         for param, what, token_ids in named_ids:
             bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
@@ -193,13 +197,27 @@ class LLMEngine:
         except CommError as e:
             raise EngineDead(str(e)) from e
         except StepError as e:
-            if self.parallel.world_size > 1:
+            if not e.ranks_in_step:
                 raise EngineDead(f"rank 0 failed a step, so the ranks are out of step: {e.__cause__}") from e
-            raise
+            self._retry_alone(e)
+            return []
         still_in_flight = {id(r) for f in self.in_flight for r in f.batch.requests}
         for request in done.batch.requests:
             request.in_flight = id(request) in still_in_flight
         return [] if done.result is None else self._append_samples(done.batch, done.plan, done.result)
+
+    def _retry_alone(self, error: StepError) -> None:
+        """Recompute a failed step's requests later, each in a batch of its own; re-raise `error` when
+        that cannot tell the one at fault from the others (one request, or some still in flight)."""
+        requests = [r for r in error.requests if not r.is_finished]
+        in_flight = {id(r) for f in self.in_flight for r in f.batch.requests}
+        if len(requests) <= 1 or any(id(r) in in_flight for r in requests):
+            raise error
+        logger.warning("a step over %d requests failed; running each alone", len(requests), exc_info=error.__cause__)
+        for request in requests:
+            request.in_flight = False
+            request.runs_alone = True
+            self.scheduler.preempt(request)
 
     def _launch(self, batch: Batch) -> None:
         new = {r.request_id: r.params for r in batch.requests if r.request_id not in self._announced}
@@ -229,7 +247,7 @@ class LLMEngine:
         except Exception as e:
             for request in batch.requests:
                 request.in_flight = False
-            raise StepError(batch.requests) from e
+            raise StepError(batch.requests, isinstance(e, SamplingFailed) or self.parallel.world_size == 1) from e
 
     def _submit(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
         self._last_plan_at = time.monotonic()
@@ -257,16 +275,22 @@ class LLMEngine:
     def _complete_oldest(self) -> InFlight:
         """The oldest batch in flight, with its tokens (received from the sampling rank if need be)."""
         done = self.in_flight.popleft()
-        if done.pending is not None:
-            done.result = self.worker.runner.collect(done.plan, done.pending)
-        elif done.plan.sampling_rows:
-            done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
+        try:
+            if done.pending is not None:
+                done.result = self.worker.runner.collect(done.plan, done.pending)
+            elif done.plan.sampling_rows:
+                done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
+                if isinstance(done.result, SamplingFailed):
+                    raise done.result
+        except SamplingFailed as e:
+            raise StepError(done.batch.requests) from e
         return done
 
     def _drain_in_flight(self) -> None:
         """Take the tokens of micro-batches still in flight: the sampling rank waits to hand them over."""
         while self.in_flight:
-            self._complete_oldest()
+            with contextlib.suppress(StepError):  # its requests end with the shutdown anyway
+                self._complete_oldest()
 
     def _append_samples(self, batch: Batch, plan: StepPlan, result: StepResult) -> list[StepOutput]:
         outputs = []

@@ -39,6 +39,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     detokenizer: IncrementalDetokenizer | None = None
     in_flight: bool = False  # in a pipeline micro-batch whose tokens have not come back yet
+    runs_alone: bool = False  # in a failed step with others: scheduled in batches of its own from then on
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = field(default_factory=lambda: next(_arrival_counter))
     first_token_time: float | None = None

@@ -5,6 +5,7 @@ homogeneous, as in Chitu: prefill whenever some admitted request still has promp
 (chunked by a token budget), otherwise one decode token for every running request. When the KV
 cache runs out during decode, the lowest-ranked running request is preempted: its blocks are freed
 and it goes back to the queue to be recomputed later, so nothing is lost and nothing is corrupted.
+A request marked `runs_alone` (it was in a step that failed) is only ever batched by itself.
 
 With pipeline parallelism up to pp_size batches (micro-batches) are in flight at once; a request in
 one is skipped until its tokens come back, and micro-batch sizes follow scheduler.pp_config.
@@ -43,6 +44,12 @@ class Batch:
         return request.num_computed_tokens + self.num_new_tokens[index] == request.num_tokens
 
 
+def _joins(batch: Batch | list[Request], request: Request) -> bool:
+    """Whether `request` may join the batch: a request that runs alone shares no batch."""
+    requests = batch.requests if isinstance(batch, Batch) else batch
+    return not requests or not (request.runs_alone or requests[0].runs_alone)
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_reqs: int, prefill_chunk_size: int | None,
                  max_prefill_batch: int | None = None, max_decode_batch: int | None = None):
@@ -54,6 +61,7 @@ class Scheduler:
         self.waiting: list[tuple[tuple[int, int], Request]] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._alone_last = False  # whether the last decode batch was a request that runs alone
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -74,10 +82,11 @@ class Scheduler:
         budget = self.prefill_budget or float("inf")
         for request in self.running:
             remaining = request.num_tokens - request.num_computed_tokens
-            if not request.in_flight and remaining > 1 and budget > 0 and len(batch.requests) < self.max_prefill_batch:
+            if (not request.in_flight and remaining > 1 and budget > 0 and len(batch.requests) < self.max_prefill_batch
+                    and _joins(batch, request)):
                 budget -= self._add_prefill(batch, request, remaining, budget)
         while (self.waiting and len(self.running) < self.max_reqs and budget > 0
-               and len(batch.requests) < self.max_prefill_batch):
+               and len(batch.requests) < self.max_prefill_batch and _joins(batch, self.waiting[0][1])):
             request = self.waiting[0][1]
             chunk = min(request.num_tokens, budget)
             if not self.blocks.can_hold(request, chunk):
@@ -105,13 +114,14 @@ class Scheduler:
 
     def _schedule_decode(self) -> Batch | None:
         scheduled: list[Request] = []
-        for request in sorted(self.running, key=Request.schedule_key):
+        for request in self._decode_order():
             num_tokens = request.num_tokens
             if len(scheduled) == self.max_decode_batch:
                 break
             if (request.in_flight or request.status is not RequestStatus.RUNNING
-                    or num_tokens - request.num_computed_tokens > 1):
-                continue  # in a micro-batch, preempted while making room, or a prefill stalled for want of blocks
+                    or num_tokens - request.num_computed_tokens > 1 or not _joins(scheduled, request)):
+                continue  # in a micro-batch, preempted while making room, a prefill stalled for want of blocks,
+                # or kept apart
             while not self.blocks.can_hold(request, num_tokens):
                 victim = self._lowest_ranked()
                 if victim is None:
@@ -123,12 +133,22 @@ class Scheduler:
                 self.blocks.grow(request, num_tokens)
                 scheduled.append(request)
         if scheduled:
+            self._alone_last = scheduled[0].runs_alone
             return Batch(is_prefill=False, requests=scheduled, num_new_tokens=[1] * len(scheduled))
         if self.running and not any(r.in_flight for r in self.running):
             # only stalled prefills: free the lowest-ranked one's blocks for the others
             self.preempt(self._lowest_ranked())
             return self.schedule()
         return None
+
+    def _decode_order(self) -> list[Request]:
+        """Running requests, best ranked first; every other step those that run alone go first (the one
+        with the fewest tokens leading), so that neither kind starves the other."""
+        ranked = sorted(self.running, key=Request.schedule_key)
+        if self._alone_last:
+            return ranked
+        alone = sorted((r for r in ranked if r.runs_alone), key=lambda r: len(r.output_token_ids))
+        return alone + [r for r in ranked if not r.runs_alone]
 
     def continue_decode(self, batch: Batch, max_model_tokens: int) -> bool:
         """Whether the decode `batch`, whose tokens are not read yet, may run its next step now: nobody

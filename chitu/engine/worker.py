@@ -21,7 +21,7 @@ from chitu.engine.kv_cache import blocks_for
 from chitu.models.loader import load_model
 from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
                             resolve_dtype)
-from chitu.runner.model_runner import ModelRunner, PendingSamples
+from chitu.runner.model_runner import ModelRunner, PendingSamples, SamplingFailed
 from chitu.runner.step_plan import PlanKind, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -93,11 +93,17 @@ class Worker:
             self.mailbox.send_object(plan, state.stage_peer(state.pp_rank + 1))
         if plan.kind is not PlanKind.STEP:
             return None
-        pending = self.runner.execute(plan, previous)
-        if pending is not None and not state.is_driver:
-            self.mailbox.send_object(self.runner.collect(plan, pending), 0)
-            return None
-        return pending
+        if state.is_driver:
+            return self.runner.execute(plan, previous)
+        try:
+            pending = self.runner.execute(plan, previous)
+            if pending is not None:
+                self.mailbox.send_object(self.runner.collect(plan, pending), 0)
+        except SamplingFailed as e:  # the driver fails this step's requests and goes on
+            logger.error("rank %d: %s", state.rank, e, exc_info=e.__cause__)
+            if plan.sampling_rows:
+                self.mailbox.send_object(SamplingFailed(str(e)), 0)
+        return None
 
     # The other ranks.
 

@@ -58,25 +58,34 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
         """Enqueue this rank's part of the plan; the sampling rank returns the samples, on their way to
-        the host. A plan whose input tokens are `previous`'s samples can start before those are read."""
-        if self.parallel.is_sampler:
-            self.sampling.update(plan)
+        the host. A plan whose input tokens are `previous`'s samples can start before those are read.
+        Sampling comes after every collective of the step, so that a failure there (SamplingFailed)
+        leaves the ranks in step."""
         token_ids = previous.on_device.token_ids if plan.tokens_from_previous else plan.token_ids
         if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
             logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
         else:
             logits = self._run_eager(plan, token_ids)
-        if not self.parallel.is_sampler or not plan.sampling_rows:
+        if not self.parallel.is_sampler:
             return None
-        request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
-        params, output_tokens, prompt_tokens = self.sampling.rows(request_ids)
-        sampling = SamplingBatch.build(params, output_tokens, self.device, prompt_tokens)
-        return PendingSamples.start_copy(self.sampler(logits, sampling))
+        try:
+            self.sampling.update(plan)
+            if not plan.sampling_rows:
+                return None
+            request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
+            params, output_tokens, prompt_tokens = self.sampling.rows(request_ids)
+            sampling = SamplingBatch.build(params, output_tokens, self.device, prompt_tokens)
+            return PendingSamples.start_copy(self.sampler(logits, sampling))
+        except Exception as e:
+            raise SamplingFailed(f"sampling failed: {e}") from e
 
     def collect(self, plan: StepPlan, pending: PendingSamples) -> StepResult:
         """Wait for a plan's samples to reach the host; the sampling state records its tokens."""
         result = pending.wait()
-        self.sampling.record([plan.request_ids[i] for i in plan.sampling_rows], result.token_ids)
+        try:
+            self.sampling.record([plan.request_ids[i] for i in plan.sampling_rows], result.token_ids)
+        except Exception as e:
+            raise SamplingFailed(f"sampling failed: {e}") from e
         return result
 
     def _run_eager(self, plan: StepPlan, token_ids: list[int] | torch.Tensor) -> torch.Tensor | None:
@@ -124,6 +133,11 @@ class ModelRunner:
             attention.k_cache = attention.v_cache = None
         torch.cuda.empty_cache()
         return peak
+
+
+class SamplingFailed(RuntimeError):
+    """Sampling failed after the step's forward pass had completed on every rank: the ranks are still
+    in step, and only the requests of this step are in doubt."""
 
 
 @dataclass

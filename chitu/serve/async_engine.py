@@ -8,8 +8,13 @@ Submissions and aborts are commands queued to the thread. It runs them between s
 any request is unfinished and sleeps on the queue when idle (waking now and then so the engine can
 tell the other ranks it is alive). Each step's outputs reach their consumers on the event loop
 through one `call_soon_threadsafe`. A failing step costs only the requests it ran: they get an
-EngineError and are aborted, and the thread serves everyone else. Only when the engine itself is
-dead (another rank failed) does the thread fail every request and call `on_fatal`.
+EngineError and are aborted, and the thread serves everyone else. Any other failure means the
+engine cannot go on (another rank failed, idle or busy; a sticky CUDA error; a bug): the thread
+fails every request, stops taking new ones (/health says 503) and calls `on_fatal`.
+
+Admission is bounded on the event loop: requests that have not produced their first token count
+as waiting, and past `max_waiting_requests` of them, or `max_waiting_tokens` of their prompt tokens,
+`add` raises EngineOverloaded (a request alone is always admitted).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from chitu.distributed.comm import CommError
 from chitu.engine.engine import EngineDead, LLMEngine, StepError
 from chitu.engine.request import TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
@@ -41,6 +47,10 @@ class EngineStopped(EngineError):
     """The server is shutting down and takes no more requests."""
 
 
+class EngineOverloaded(EngineError):
+    """Too many requests are waiting: retry later."""
+
+
 @dataclass(frozen=True)
 class Delta:
     """What one step added to a request."""
@@ -54,7 +64,8 @@ class Delta:
 class RequestStream:
     """One request's deltas, iterated on the event loop that submitted it."""
 
-    def __init__(self, request_id: str, num_prompt_tokens: int, abort: Callable[[str], None]):
+    def __init__(self, request_id: str, num_prompt_tokens: int, abort: Callable[[str], None],
+                 on_started: Callable[[RequestStream], None] = lambda stream: None):
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self.num_output_tokens = 0
@@ -64,6 +75,7 @@ class RequestStream:
         self.done = False  # finished by the engine, failed, or closed by its consumer
         self._queue: asyncio.Queue[Delta | EngineError] = asyncio.Queue()
         self._abort = abort
+        self._on_started = on_started  # called once: at the first token, or when the stream ends without one
 
     def put(self, item: Delta | EngineError) -> None:
         """Called on the stream's event loop (see `deliver`)."""
@@ -78,24 +90,36 @@ class RequestStream:
         item = await self._queue.get()
         if isinstance(item, EngineError):
             self.done = True
+            self._started()
             raise item
         self.num_output_tokens += len(item.token_ids)
         if self.first_token_at is None and item.token_ids:
             self.first_token_at = time.monotonic()
+            self._started()
         self.done = item.finish_reason is not None
         return item
 
     def close(self) -> None:
         """Stop the request if the engine has not finished it: its KV blocks are freed at once."""
+        self._started()
         if not self.done:
             self.done = True
             self._abort(self.request_id)
 
+    def _started(self) -> None:
+        on_started, self._on_started = self._on_started, lambda stream: None
+        on_started(self)
+
 
 class AsyncEngine:
     def __init__(self, build: Callable[[], LLMEngine], after_step: Callable[[LLMEngine], None] = lambda engine: None,
-                 on_fatal: Callable[[Exception], None] = lambda error: None):
+                 on_fatal: Callable[[Exception], None] = lambda error: None, max_waiting_requests: int = 1 << 30,
+                 max_waiting_tokens: int = 1 << 62):
         self.engine: LLMEngine | None = None  # set by the thread; read-only elsewhere
+        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
+        self.num_waiting = 0     # event loop only: requests submitted that have not started generating
+        self.waiting_tokens = 0  # and their prompt tokens
         self._build = build
         self._on_fatal = on_fatal  # runs on the engine thread when the engine cannot go on
         self._build_error: Exception | None = None
@@ -121,20 +145,37 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._accepting
 
+    def check_capacity(self, num_prompt_tokens: int = 0) -> None:
+        """Raise EngineStopped or EngineOverloaded when a request of this size cannot be taken now."""
+        if not self.is_alive:
+            raise EngineStopped("the engine is not running")
+        if self.num_waiting >= self.max_waiting_requests:
+            raise EngineOverloaded(f"{self.num_waiting} requests are waiting, the limit (serve.max_waiting_requests): "
+                                   f"retry later")
+        if self.num_waiting and self.waiting_tokens + num_prompt_tokens > self.max_waiting_tokens:
+            raise EngineOverloaded(f"{self.waiting_tokens} prompt tokens are waiting; {num_prompt_tokens} more would "
+                                   f"pass the limit of {self.max_waiting_tokens} (serve.max_waiting_tokens): retry later")
+
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                   priority: int = 0) -> RequestStream:
-        """Submit a request; raises what LLMEngine.add_request raises (RequestRejected, ValueError)."""
-        if not self.is_alive:
-            raise EngineStopped("the engine is not running (the server is shutting down)")
-        stream = RequestStream(request_id, len(prompt_token_ids), self.abort)
+        """Submit a request; raises EngineStopped / EngineOverloaded, or what LLMEngine.add_request raises
+        (RequestRejected, ValueError)."""
+        self.check_capacity(len(prompt_token_ids))
+        stream = RequestStream(request_id, len(prompt_token_ids), self.abort, self._stop_waiting)
+        self.num_waiting += 1
+        self.waiting_tokens += len(prompt_token_ids)
         accepted = stream.loop.create_future()
         self._commands.put(lambda: self._add(stream, prompt_token_ids, params, priority, accepted))
         try:
             await accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
+        except BaseException:
+            stream.close()  # rejected, or the submitter was cancelled
             raise
         return stream
+
+    def _stop_waiting(self, stream: RequestStream) -> None:
+        self.num_waiting -= 1
+        self.waiting_tokens -= stream.num_prompt_tokens
 
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: self._abort(request_id))
@@ -165,10 +206,15 @@ class AsyncEngine:
             self._fail(list(self._streams), EngineStopped("the server is shutting down"))
             self._after_step(self.engine)
             self.engine.close()
-        except EngineDead as e:
-            logger.critical("the engine stopped: %s", e)
+        except Exception as e:
             self._accepting = False
-            self._fail(list(self._streams), EngineError(f"the engine stopped: {e}"))
+            if isinstance(e, (EngineDead, CommError)):
+                logger.critical("the engine stopped: %s", e)
+                error = EngineError(f"the engine stopped: {e}")
+            else:
+                logger.critical("the engine stopped after an unexpected error", exc_info=e)
+                error = EngineError("the engine stopped after an internal error; the server log has the details")
+            self._fail(list(self._streams), error)
             self._on_fatal(e)
 
     def _run_commands(self, block: bool) -> bool:
@@ -202,12 +248,12 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except EngineDead:
-            raise
-        except Exception as e:
-            failed = [r.request_id for r in e.requests] if isinstance(e, StepError) else list(self._streams)
-            logger.exception("engine step failed; aborting %d request(s)", len(failed))
-            self._fail(failed, EngineError(f"the engine failed while running this request: {e.__cause__ or e}"))
+        except StepError as e:
+            failed = [r.request_id for r in e.requests]
+            logger.error("an engine step failed; aborting request(s) %s", ", ".join(failed), exc_info=e.__cause__)
+            for request_id in failed:
+                self._fail([request_id], EngineError(f"the engine failed while running this request ({request_id}); "
+                                                     f"the server log has the details"))
             return
         deliveries = []
         for output in outputs:

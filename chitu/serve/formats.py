@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from chitu.engine.request import TokenLogprob
-from chitu.tokenizer import Tokenizer
+from chitu.serve.token_pieces import TokenPieces
 
 
 class ResponseFormat:
@@ -13,10 +13,10 @@ class ResponseFormat:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, request_id: str, model: str, tokenizer: Tokenizer, logprobs: bool, include_usage: bool):
+    def __init__(self, request_id: str, model: str, pieces: TokenPieces, logprobs: bool, include_usage: bool):
         self.request_id = request_id
         self.model = model
-        self.tokenizer = tokenizer
+        self.pieces = pieces
         self.logprobs = logprobs
         self.include_usage = include_usage
         self.created = int(time.time())
@@ -43,9 +43,6 @@ class ResponseFormat:
         if self.include_usage:  # OpenAI then sends "usage": null on every chunk but the last
             chunk["usage"] = None
         return chunk
-
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.hf.decode([token_id])
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         raise NotImplementedError
@@ -82,8 +79,7 @@ class ChatFormat(ResponseFormat):
         return {"content": content, "refusal": None}
 
     def _entry(self, token_id: int, logprob: float) -> dict:
-        token = self._token(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {"token": self.pieces.text[token_id], "logprob": logprob, "bytes": list(self.pieces.bytes[token_id])}
 
 
 class CompletionFormat(ResponseFormat):
@@ -102,11 +98,18 @@ class CompletionFormat(ResponseFormat):
     def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         if not self.logprobs:
             return None
-        tokens = [self._token(e.token_id) for e in entries]
         offsets = []
-        for token in tokens:
+        for e in entries:
             offsets.append(self.text_offset)
-            self.text_offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._token(token_id): logprob for token_id, logprob in e.top} for e in entries],
-                "text_offset": offsets}
+            self.text_offset += len(self.pieces.text[e.token_id])
+        return {"tokens": [self.pieces.label(e.token_id) for e in entries],
+                "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [self._alternatives(e.top) for e in entries], "text_offset": offsets}
+
+    def _alternatives(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """The legacy API keys alternatives by their text; tokens whose labels collide keep their ids."""
+        alternatives: dict[str, float] = {}
+        for token_id, logprob in top:
+            label = self.pieces.label(token_id)
+            alternatives[f"token_id:{token_id}" if label in alternatives else label] = logprob
+        return alternatives

@@ -13,12 +13,16 @@ from chitu.config import ChituConfig, hydra_entry
 from chitu.engine.engine import LLMEngine
 from chitu.serve.app import create_app
 from chitu.serve.async_engine import AsyncEngine
+from chitu.serve.auth import ApiKeys
 from chitu.serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
 
 # On Ctrl-C / SIGTERM, requests in flight get this long to finish; the rest are aborted.
 GRACEFUL_SHUTDOWN_S = 10
+# uvicorn refuses connections past serve.max_connections plus this many (health checks, metrics scrapes);
+# API requests past serve.max_connections get Chitu's own 503 before that.
+EXTRA_CONNECTIONS = 1024
 
 
 @hydra_entry
@@ -27,7 +31,8 @@ def main(config: ChituConfig) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         follow_driver(config)
         return
-    listener = listen(config.serve.host, config.serve.port)  # first: a port in use fails before loading
+    keys = ApiKeys(config.serve)  # first: a missing key file or a port in use fails before loading
+    listener = bind(config.serve.host, config.serve.port)
     metrics = ServeMetrics()
     fatal: list[Exception] = []
     server: uvicorn.Server | None = None
@@ -37,11 +42,12 @@ def main(config: ChituConfig) -> None:
         if server is not None:
             server.should_exit = True
 
-    engine = AsyncEngine(functools.partial(LLMEngine, config), metrics.observe_engine, stop_serving)
+    engine = AsyncEngine(functools.partial(LLMEngine, config), metrics.observe_engine, stop_serving,
+                         config.serve.max_waiting_requests, config.serve.max_waiting_tokens)
     engine.start()
-    app = create_app(engine, config, metrics)
+    app = create_app(engine, config, metrics, keys)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                           limit_concurrency=2 * config.serve.max_connections))
+                                           limit_concurrency=config.serve.max_connections + EXTRA_CONNECTIONS))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handler
     # it found at start; with these, that second delivery does nothing and the process exits with 0.
     for handled in (signal.SIGINT, signal.SIGTERM):
@@ -54,9 +60,10 @@ def main(config: ChituConfig) -> None:
     logger.info("Chitu service stopped")
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before serving so that the log can name its real port (serve.port=0
-    takes a free one)."""
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads so that a port in use fails at once and the log
+    can name the real port (serve.port=0 takes a free one). It listens only once serving starts (asyncio
+    calls listen), so clients are refused, not left hanging, while the model loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,8 +72,6 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
