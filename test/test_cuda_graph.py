@@ -1,15 +1,18 @@
-"""Decode under CUDA graphs equals eager decode (GPU only)."""
+"""Decode under CUDA graphs equals eager decode (GPU only), in bf16: the same greedy tokens up to a near-tie."""
 import pytest
 import torch
 import transformers
 
 from chitu.config import compose_config
 from chitu.engine.engine import LLMEngine
+from chitu.engine.request import TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
 from chitu.models.registry import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# the LM head's GEMM sees the padded bucket size under graphs, so its rounding may differ in the last bits
+TOLERANCE = 2e-2
 CONFIG = transformers.Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                                   num_key_value_heads=2, head_dim=64, vocab_size=1024, architectures=["Qwen3ForCausalLM"])
 
@@ -29,12 +32,23 @@ def engine(model: torch.nn.Module, use_cuda_graph: bool) -> LLMEngine:
     return LLMEngine(config, model=model)
 
 
-def generate(engine: LLMEngine, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
-    params = SamplingParams(max_new_tokens=24, temperature=0, stop_with_eos=False, logprobs=True)
+def generate(engine: LLMEngine, prompts: list[list[int]]) -> list[list[TokenLogprob]]:
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_with_eos=False, logprobs=True, top_logprobs=2)
     requests = [engine.add_request(p, params) for p in prompts]
     while engine.has_unfinished():
         engine.step()
-    return [r.output_token_ids for r in requests], [[lp.logprob for lp in r.logprobs] for r in requests]
+    return [r.logprobs for r in requests]
+
+
+def assert_same_greedy(graph: list[TokenLogprob], eager: list[TokenLogprob]) -> None:
+    """The same tokens with logprobs within TOLERANCE, up to a step where eager's best two were within
+    TOLERANCE and graphs took the other one: there either may break the tie, and the outputs part."""
+    for got, want in zip(graph, eager, strict=True):
+        if got.token_id != want.token_id:
+            top = dict(want.top)
+            assert got.token_id in top and top[want.token_id] - top[got.token_id] < TOLERANCE, (got, want)
+            return
+        assert got.logprob == pytest.approx(want.logprob, abs=TOLERANCE)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
@@ -45,9 +59,8 @@ def test_graph_decode_equals_eager(batch):
                for n in torch.randint(1, 70, (batch,), generator=gen)]
     graph_engine = engine(model, True)
     assert graph_engine.worker.runner.graphs is not None
-    graph_tokens, graph_logprobs = generate(graph_engine, prompts)
-    eager_tokens, eager_logprobs = generate(engine(model, False), prompts)
-    assert graph_tokens == eager_tokens
-    # the LM head's GEMM sees the padded bucket size under graphs, so its rounding may differ in the last bits
-    for graph_row, eager_row in zip(graph_logprobs, eager_logprobs):
-        assert graph_row == pytest.approx(eager_row, abs=2e-2)
+    graph_runs = generate(graph_engine, prompts)
+    eager_runs = generate(engine(model, False), prompts)
+    for graph, eager in zip(graph_runs, eager_runs, strict=True):
+        assert len(graph) == len(eager) == 24
+        assert_same_greedy(graph, eager)

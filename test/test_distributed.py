@@ -2,8 +2,6 @@
 every layout must produce the tokens of one process and logprobs within 1e-4 (fp32), on tiny random
 Llama and Qwen3 checkpoints and on SmolLM2. Sharding rules and start-up errors are checked in-process."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from chitu.config import compose_config
 from chitu.config.schema import ConfigError
 from chitu.distributed.parallel_state import check_world_size
 from chitu.distributed.sharding import Span, head_shard, stage_layers, vocab_shard
+import process_tree
 from test_launchers import SSH, fake_bin, real_env  # noqa: F401 (fake_bin is a fixture)
 
 SCRIPT = Path(__file__).with_name("dist_generate.py")
@@ -50,8 +49,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 def generate(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
     out = tmp_path / f"out_{nproc}_{abs(hash(tuple(overrides)))}.json"
     launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(nproc)]
-    proc = subprocess.run(launcher + [str(SCRIPT), str(out), *ENGINE, *overrides], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = process_tree.run(launcher + [str(SCRIPT), str(out), *ENGINE, *overrides], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -97,7 +95,7 @@ def test_tp_and_pp_across_two_nodes(fake_bin, checkpoints, reference, tmp_path):
     out = tmp_path / "out.json"
     command = [str(SSH), "127.0.0.1,127.0.0.1", "2", str(SCRIPT), str(out), *ENGINE,
                f"models.ckpt_dir={checkpoints['llama']}", "infer.tp_size=2", "infer.pp_size=2", *SPLIT_DECODE]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=real_env(fake_bin))
+    proc = process_tree.run(command, timeout=300, env=real_env(fake_bin))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_generation(json.loads(out.read_text()), reference["llama"])
 
@@ -110,8 +108,8 @@ def test_world_size_must_match_tp_times_pp(monkeypatch):
 
 
 def test_plain_python_with_tp_fails_before_loading(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "x.json"), "infer.tp_size=2",
-                           "models.ckpt_dir=/nonexistent"], capture_output=True, text=True, timeout=120)
+    proc = process_tree.run([sys.executable, str(SCRIPT), str(tmp_path / "x.json"), "infer.tp_size=2",
+                             "models.ckpt_dir=/nonexistent"], timeout=120)
     assert proc.returncode != 0
     assert "infer.tp_size=2 x infer.pp_size=1 = 2 but 1 process(es) were started" in proc.stderr
 

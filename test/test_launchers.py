@@ -3,7 +3,6 @@
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+import process_tree
+from process_tree import ProcessTree, unused_port
 
 REPO = Path(__file__).resolve().parent.parent
 SRUN = REPO / "script" / "srun_multi_node.sh"
@@ -30,9 +32,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def launch(script: Path, *args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return process_tree.run([str(script), *args], cwd=REPO, env=env, timeout=timeout)
 
 
 def dry_run(script: Path, *args: str, **extra: str) -> list[str]:
@@ -195,12 +195,6 @@ dist.destroy_process_group()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def fake_bin(tmp_path: Path) -> Path:
     """A directory with `ssh` (logs the host, runs the remote string here) and `docker` (runs the bash -c string)."""
@@ -239,7 +233,7 @@ def fake_bin(tmp_path: Path) -> Path:
 def real_env(fake_bin: Path, **extra: str) -> dict[str, str]:
     bin_of_python = str(Path(sys.executable).parent)
     path = os.pathsep.join([str(fake_bin), bin_of_python, os.environ["PATH"]])
-    return clean_env(PATH=path, MASTER_PORT=str(free_port()), GLOO_SOCKET_IFNAME="lo", **extra)
+    return clean_env(PATH=path, MASTER_PORT=str(unused_port()), GLOO_SOCKET_IFNAME="lo", **extra)
 
 
 @pytest.mark.parametrize("script,args,call", [
@@ -281,24 +275,17 @@ def test_ssh_interrupt_stops_nodes(fake_bin: Path, tmp_path: Path, sig: int, cod
     """Ctrl-C (or SIGTERM) on the launcher kills the ssh jobs (here a fake torchrun that sleeps)."""
     (fake_bin / "torchrun").write_text(f"#!/usr/bin/env bash\necho $$ >{tmp_path}/pid.$6\nexec sleep 60\n")
     (fake_bin / "torchrun").chmod(0o755)
-    proc = subprocess.Popen([str(SSH), "a,b", "1", "x.py"], cwd=REPO, env=real_env(fake_bin), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    pid_files = [tmp_path / "pid.0", tmp_path / "pid.1"]
-    deadline = time.monotonic() + 20
-    while not all(f.exists() and f.read_text().strip() for f in pid_files):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    pids = [int(f.read_text()) for f in pid_files]
-    try:
+    with ProcessTree([str(SSH), "a,b", "1", "x.py"], cwd=REPO, env=real_env(fake_bin), text=True,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:  # fmt: skip
+        pid_files = [tmp_path / "pid.0", tmp_path / "pid.1"]
+        deadline = time.monotonic() + 20
+        while not all(f.exists() and f.read_text().strip() for f in pid_files):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        pids = [int(f.read_text()) for f in pid_files]
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=10)
         assert proc.returncode == code and "stopping the ssh jobs" in err
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

@@ -7,7 +7,8 @@ import threading
 import pytest
 import requests
 
-from test_serve import eventually, running_server
+from server_process import running_server
+from test_serve import eventually
 
 VIP_KEY = "vip-key"
 

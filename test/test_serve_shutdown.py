@@ -7,12 +7,12 @@ import signal
 import pytest
 import requests
 
-from test_serve import ServerProcess, sse_events
+from server_process import ServerProcess
+from test_serve import sse_events
 
 
 def test_sigterm_lets_the_stream_in_flight_finish(smollm2_path, tmp_path):
-    server = ServerProcess(tmp_path, "infer.max_seq_len=128")
-    try:
+    with ServerProcess(tmp_path, "infer.max_seq_len=128") as server:
         body = {"prompt": "Count: 1, 2, 3,", "max_tokens": 48, "stop_with_eos": False, "stream": True,
                 "stream_options": {"include_usage": True}}
         with requests.post(f"{server.url}/v1/completions", json=body, stream=True, timeout=60) as response:
@@ -25,6 +25,3 @@ def test_sigterm_lets_the_stream_in_flight_finish(smollm2_path, tmp_path):
             requests.get(f"{server.url}/health", timeout=5)
         assert server.process.wait(timeout=60) == 0, server.log()
         assert "Chitu service stopped" in server.log()
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+import process_tree
+
 SCRIPT = Path(__file__).with_name("single_req_test.py")
 FIXED_LENGTHS = ["request.prompt_tokens_len=16", "request.max_new_tokens=4", "infer.max_seq_len=32", "infer.max_reqs=2"]
 
 
 def run(launcher: list[str], overrides: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(launcher + [str(SCRIPT)] + overrides, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return process_tree.run(launcher + [str(SCRIPT)] + overrides, cwd=cwd, timeout=300)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
