@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from pathlib import Path
 
 import torch
 
 from chitu.config.schema import ChituConfig, ConfigError
 
+logger = logging.getLogger(__name__)
+
+SYSFS_CPUS = Path("/sys/devices/system/cpu")
 PLATFORM_BUILDS = {"CHITU_ASCEND_BUILD": "Ascend NPU", "CHITU_HYGON_BUILD": "Hygon DCU", "CHITU_MUXI_BUILD": "MetaX (Muxi) GPU"}
 
 
@@ -28,6 +33,35 @@ def resolve_device(config: ChituConfig) -> torch.device:
 
 def resolve_dtype(config: ChituConfig) -> torch.dtype:
     return getattr(torch, config.dtype or config.float_16bit_variant)
+
+
+def physical_cores(cpus: set[int]) -> int:
+    """How many physical cores `cpus` (logical CPU numbers) span: hyper-threads of one core count once.
+    Without readable topology, every logical CPU counts as a core."""
+    cores = set()
+    for cpu in cpus:
+        topology = SYSFS_CPUS / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores)
+
+
+def configure_cpu_threads(config: ChituConfig, device: torch.device) -> None:
+    """On CPU, set torch's threads to infer.num_threads, or by default to the physical cores this process
+    may run on shared among the ranks of this node (torchrun's LOCAL_WORLD_SIZE), at least 1."""
+    if device.type != "cpu":
+        return
+    threads = config.infer.num_threads
+    if threads is not None:
+        reason = "infer.num_threads"
+    else:
+        cores, local_ranks = physical_cores(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, cores // local_ranks)
+        reason = f"{cores} physical core(s) available / {local_ranks} local rank(s); infer.num_threads to change"
+    torch.set_num_threads(threads)
+    logger.info("CPU threads: %d (%s)", threads, reason)
 
 
 def memory_budget(device: torch.device, utilization: float) -> int:

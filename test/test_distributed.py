@@ -100,6 +100,43 @@ def test_tp_and_pp_across_two_nodes(fake_bin, checkpoints, reference, tmp_path):
     assert_same_generation(json.loads(out.read_text()), reference["llama"])
 
 
+# Rank 1 starts late and loads slowly (each longer than infer.comm_timeout_s), then hangs while serving.
+TIMEOUTS = """
+import sys, time, torch, os
+from chitu.config import compose_config
+from chitu.distributed.comm import CommError, Mailbox, all_reduce_min, broadcast_in_stage
+from chitu.distributed.parallel_state import init_parallel
+layout, rank = sys.argv[1], int(os.environ["RANK"])
+config = compose_config([f"infer.{layout}_size=2", "infer.comm_timeout_s=1", "infer.dist_init_timeout_s=60"])
+time.sleep(2 * rank)
+init_parallel(config, torch.device("cpu"))
+time.sleep(2 * rank)
+print(f"rank {rank} started: min {all_reduce_min(10 + rank)}", flush=True)
+if rank == 1:
+    time.sleep(4)
+    sys.exit()
+start = time.monotonic()
+try:
+    Mailbox().recv_object(1) if layout == "pp" else broadcast_in_stage("plan")
+except CommError as e:
+    print(f"gave up after {time.monotonic() - start:.1f} s: {e}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("pp", "receiving from rank 1 failed (rank 1 may have exited or hung past infer.comm_timeout_s=1)"),
+    ("tp", "sending a step plan to ranks 1 failed (one may have exited or hung past infer.comm_timeout_s=1)")],
+    ids=["pp", "tp"])
+def test_start_up_waits_for_dist_init_timeout_serving_for_comm_timeout(layout, message, tmp_path):
+    script = tmp_path / "timeouts.py"
+    script.write_text(TIMEOUTS)
+    proc = process_tree.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), layout], timeout=120)
+    assert "rank 0 started: min 10" in proc.stdout and "rank 1 started: min 10" in proc.stdout, proc.stderr[-3000:]
+    gave_up = [line for line in proc.stdout.splitlines() if line.startswith("gave up after")]
+    assert gave_up and message in gave_up[0], proc.stdout
+    assert float(gave_up[0].split()[3]) < 3
+
+
 def test_world_size_must_match_tp_times_pp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     check_world_size(compose_config(["infer.tp_size=2"]))

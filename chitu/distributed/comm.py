@@ -1,13 +1,17 @@
 """What ranks send each other: tensor-parallel reductions, and point-to-point messages between
 pipeline stages (pickled objects over gloo, activations over the device group).
 
-Every wait is bounded by the process groups' timeout (infer.comm_timeout_s); a failed or timed-out
-exchange raises CommError naming the peer, and the caller shuts the rank down.
+Every wait for a rank that is serving is bounded by infer.comm_timeout_s (the groups' timeout, and
+explicitly for point-to-point messages over gloo, which keep the timeout they were created with);
+a failed or timed-out exchange raises CommError naming the peer, and the caller shuts the rank down.
+Start-up exchanges (all_reduce_min) wait for slower ranks up to infer.dist_init_timeout_s.
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
-from typing import Any
+from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -75,9 +79,9 @@ class Mailbox:
     def flush(self) -> None:
         """Wait for every send to complete."""
         pending, self._pending = self._pending, []
-        for work, _, dst in pending:
+        for work, tensor, dst in pending:
             try:
-                work.wait()
+                _wait(work, tensor)
             except RuntimeError as e:
                 raise _error("sending to", dst, e) from e
 
@@ -91,9 +95,19 @@ class Mailbox:
 
     def _recv(self, tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None) -> None:
         try:
-            dist.recv(tensor, src, group=group)
+            _wait(dist.irecv(tensor, src, group=group), tensor)
         except RuntimeError as e:
             raise _error("receiving from", src, e) from e
+
+
+def _wait(work: dist.Work, tensor: torch.Tensor) -> None:
+    """Wait for a point-to-point exchange. Over gloo (CPU tensors) it is bounded here: gloo's send and recv
+    keep the timeout their group was created with (infer.dist_init_timeout_s). NCCL's watchdog bounds the
+    others, and waiting on them only orders the current stream."""
+    if tensor.device.type == "cpu":
+        work.wait(timedelta(seconds=parallel_state().timeout_s))
+    else:
+        work.wait()
 
 
 def broadcast_in_stage(obj: Any) -> Any:
@@ -115,13 +129,29 @@ def broadcast_in_stage(obj: Any) -> Any:
 
 
 def all_reduce_min(value: int) -> int:
-    """The smallest `value` over all ranks (e.g. the KV blocks every rank can hold)."""
+    """The smallest `value` over all ranks, at start-up (e.g. the KV blocks every rank can hold, once each
+    has loaded its weights): slower ranks are waited for up to infer.dist_init_timeout_s."""
     state = parallel_state()
     if state.world_size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=state.cpu_group)
+    with _timeout(state.cpu_group, state.init_timeout_s):
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=state.cpu_group)
+        except RuntimeError as e:
+            raise CommError(f"rank {state.rank}: the ranks did not all finish starting within "
+                            f"infer.dist_init_timeout_s={state.init_timeout_s:g} (one may have failed): {e}") from e
     return int(t)
+
+
+@contextlib.contextmanager
+def _timeout(group: dist.ProcessGroup, seconds: float) -> Iterator[None]:
+    """Collectives on `group` wait up to `seconds` meanwhile, then infer.comm_timeout_s again."""
+    group.set_timeout(timedelta(seconds=seconds))
+    try:
+        yield
+    finally:
+        group.set_timeout(timedelta(seconds=parallel_state().timeout_s))
 
 
 def _error(action: str, peer: int, cause: Exception) -> CommError:

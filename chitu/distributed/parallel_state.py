@@ -4,6 +4,10 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; plain `
 one. Ranks are laid out stage-major: global rank = pp_rank * tp_size + tp_rank, so a tensor-parallel
 group is tp_size consecutive ranks (one node's GPUs when tp_size <= gpus per node) and pipeline
 stages follow one another across nodes.
+
+Two timeouts: joining the world and creating the groups (gloo connects every pair of ranks, slow on a
+loaded machine) waits up to infer.dist_init_timeout_s; once the groups exist, their collectives wait
+up to infer.comm_timeout_s for another rank (comm.py bounds point-to-point waits with it too).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from chitu.config.schema import ChituConfig, ConfigError
+from chitu.platform import configure_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +31,8 @@ class ParallelState:
     pp_size: int = 1
     rank: int = 0
     pp_layer_partition: list[int] | None = None
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0       # infer.comm_timeout_s: waits for another rank while serving
+    init_timeout_s: float = 900.0  # infer.dist_init_timeout_s: waits for ranks that are still starting
     # Groups exist only when world_size > 1. `cpu_group` (gloo) carries step plans and sampled tokens;
     # `tp_group` and the world (NCCL on CUDA, gloo on CPU) carry tensors.
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
@@ -99,31 +105,39 @@ def check_world_size(config: ChituConfig) -> None:
 
 
 def init_parallel(config: ChituConfig, device: torch.device) -> ParallelState:
-    """Join the torchrun world (a no-op for a world of one) and build the groups."""
+    """Set this process's CPU threads, join the torchrun world (a no-op for a world of one) and build the groups."""
     global _state
     check_world_size(config)
+    configure_cpu_threads(config, device)
     infer = config.infer
     state = ParallelState(infer.tp_size, infer.pp_size, int(os.environ.get("RANK", "0")), infer.pp_layer_partition,
-                          infer.comm_timeout_s)
+                          infer.comm_timeout_s, infer.dist_init_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # CUDA graphs and NCCL work on the current device
     if state.world_size > 1:
-        timeout = timedelta(seconds=infer.comm_timeout_s)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
-        state.cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
-        # new_group is collective: every rank creates every stage's group, in the same order.
-        for pp_rank in range(state.pp_size):
-            ranks = list(range(pp_rank * state.tp_size, (pp_rank + 1) * state.tp_size))
-            group = dist.new_group(ranks, timeout=timeout)
-            cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout) if backend == "nccl" else group
-            if pp_rank == state.pp_rank:
-                state.tp_group, state.tp_cpu_group = group, cpu_group
-        logger.info("rank %d of %d: tensor rank %d of %d, pipeline stage %d of %d (%s)", state.rank, state.world_size,
-                    state.tp_rank, state.tp_size, state.pp_rank, state.pp_size, backend)
+        _build_groups(state, device)
     _state = state
     return state
+
+
+def _build_groups(state: ParallelState, device: torch.device) -> None:
+    timeout = timedelta(seconds=state.init_timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    state.cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+    # new_group is collective: every rank creates every stage's group, in the same order.
+    for pp_rank in range(state.pp_size):
+        ranks = list(range(pp_rank * state.tp_size, (pp_rank + 1) * state.tp_size))
+        group = dist.new_group(ranks, timeout=timeout)
+        cpu_group = dist.new_group(ranks, backend="gloo", timeout=timeout) if backend == "nccl" else group
+        if pp_rank == state.pp_rank:
+            state.tp_group, state.tp_cpu_group = group, cpu_group
+    # From now on, waits are for ranks that are up: comm_timeout_s (sets gloo's collectives and NCCL's watchdog).
+    for group in {dist.group.WORLD, state.cpu_group, state.tp_group, state.tp_cpu_group}:
+        group.set_timeout(timedelta(seconds=state.timeout_s))
+    logger.info("rank %d of %d: tensor rank %d of %d, pipeline stage %d of %d (%s)", state.rank, state.world_size,
+                state.tp_rank, state.tp_size, state.pp_rank, state.pp_size, backend)
 
 
 def destroy_parallel() -> None:
