@@ -148,13 +148,10 @@ def test_a_full_queue_answers_503_with_retry_after(smollm2_path, tmp_path):
 
 def test_overflowing_sampling_parameters_under_tensor_parallelism(smollm2_path, tmp_path):
     """Once these reached the step and killed a tp=2 service (EngineDead); now they never get that far."""
-    server = ServerProcess(tmp_path, "dtype=float32", "infer.max_seq_len=256", "infer.max_reqs=4", "infer.tp_size=2",
-                           launcher=TORCHRUN)
-    try:
+    with ServerProcess(tmp_path, "dtype=float32", "infer.max_seq_len=256", "infer.max_reqs=4", "infer.tp_size=2",
+                       launcher=TORCHRUN) as server:
         for extra in ({"seed": 2**64}, {"top_k": 2**63}, {"seed": -2**70, "top_k": 2**100}):
             check_refused(send(server.url, "chat", {"messages": CHAT, "temperature": 1.0, **extra}), 400)
         after = send(server.url, "chat", {"messages": CHAT, "max_tokens": 4, "seed": 2**63 - 1, "top_k": 10**9})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] >= 1
         assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
-    finally:
-        server.stop()
