@@ -4,7 +4,8 @@ ceilings and transformers, all measured in this one run.
     python benchmarks/bench_gpu.py [--quick]
 
 For Llama-3.1-8B and Qwen3-8B shapes: decode tokens/s at batch 1, 16, 64, 256 (128 prompt tokens,
-256 output tokens, EOS ignored, greedy), a 2048-token prefill, and the host time per decode step at
+256 output tokens, EOS ignored; greedy, and with the default sampling settings: temperature 0.8,
+top-p 0.9, top-k 50), a 2048-token prefill, and the host time per decode step at
 batch 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate.
 transformers: generate() with a static cache on the Llama shape at the same batch sizes.
 """
@@ -79,9 +80,10 @@ def chitu_engine(hf_config, max_batch: int) -> LLMEngine:
     return LLMEngine(config, model=model)
 
 
-def chitu_decode(engine: LLMEngine, batch: int) -> tuple[float, float]:
-    """(decode tokens/s over the batch, seconds per decode step)."""
-    params = SamplingParams(max_new_tokens=OUTPUT, temperature=0, stop_with_eos=False)
+def chitu_decode(engine: LLMEngine, batch: int, sampled: bool = False) -> tuple[float, float]:
+    """(decode tokens/s over the batch, seconds per decode step), greedy or with the default sampling."""
+    params = (SamplingParams(max_new_tokens=OUTPUT, stop_with_eos=False) if sampled
+              else SamplingParams(max_new_tokens=OUTPUT, temperature=0, stop_with_eos=False))
     requests = [engine.add_request(p, params) for p in random_prompts(batch, PROMPT, engine.model_config.vocab_size)]
     while not all(r.output_token_ids for r in requests):
         engine.step()
@@ -128,6 +130,7 @@ def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict) -> dic
     for batch in batches:
         row[f"b{batch}"], row[f"b{batch}_step_ms"] = chitu_decode(engine, batch)
         row[f"b{batch}_step_ms"] *= 1e3
+        row[f"b{batch}_sampled"] = chitu_decode(engine, batch, sampled=True)[0]
     chitu_prefill(engine)
     row["prefill_s"] = min(chitu_prefill(engine) for _ in range(3))
     row["prefill_tflops"] = prefill_flops(hf_config, body_params, PREFILL) / row["prefill_s"] / 1e12
@@ -190,6 +193,7 @@ def main() -> None:
     for name, row in results.items():
         print(f"{'chitu ' + name:28}" + "".join(f"{row[f'b{b}']:>13.1f}" for b in batches)
               + f"{row['prefill_s']:>14.4f}{row['b1_step_ms']:>12.2f}{row['graph_ms']:>12.2f}{row['host_ms']:>12.2f}")
+        print(f"{'  sampled (T=0.8 p=0.9 k=50)':28}" + "".join(f"{row[f'b{b}_sampled']:>13.1f}" for b in batches))
     print(f"{'transformers Llama-3.1-8B':28}" + "".join(f"{hf[f'b{b}']:>13.1f}" for b in batches))
     for name, row in results.items():
         print(f"\n{name}: batch 1 {row['b1']:.1f} tok/s = {row['b1'] / row['roofline_b1']:.1%} of the "

@@ -139,9 +139,9 @@ def smollm2_transformers(smollm2_path) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=torch.float32).state_dict()
 
 
-def test_gguf_names_are_hf_names(smollm2):
+def test_gguf_names_are_hf_names(smollm2, smollm2_transformers):
     names = smollm2.names()
-    assert names[:2] == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert set(names) == set(smollm2_transformers) - {"lm_head.weight"}  # transformers' own GGUF name mapping
     assert len(names) == 1 + 30 * 9 + 1
     assert {"model.norm.weight", "model.layers.29.mlp.down_proj.weight"} <= set(names)
     assert "lm_head.weight" not in names  # tied to the embeddings

@@ -2,15 +2,20 @@
 different lengths (one prompt in two chunks, reading its cached prefix pages) and 8 decode steps through
 a paged cache whose block tables are scattered."""
 import copy
+import json
 import random
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 from chitu.checkpoint import open_checkpoint
+from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.models.loader import load_model
 from chitu.models.registry import UnsupportedModelError
+from chitu.quant.config import UnsupportedQuantizationError
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.model_runner import ModelRunner
 
@@ -28,6 +33,20 @@ FAMILIES = {
     "qwen3": ("hf-llama", transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32)),
     "glm4": ("hf-glm-z1", transformers.Glm4Config, transformers.Glm4ForCausalLM, dict(attention_bias=True, head_dim=16, pad_token_id=0, eos_token_id=1)),
     "mistral": ("hf-llama", transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None)),
+    # MoE: routers with large random weights (and random correction biases) so that routing is far from a tie
+    "qwen3-moe": ("hf-qwen-3-moe", transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=40, norm_topk_prob=True,
+        mlp_only_layers=[1])),
+    "qwen3-moe-sparse-step-unnormalized": ("hf-qwen-3-moe", transformers.Qwen3MoeConfig,
+                                           transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=False,
+        decoder_sparse_step=2)),
+    "mixtral": ("hf-mixtral", transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        num_local_experts=5, num_experts_per_tok=2, sliding_window=None)),
+    "glm4-moe": ("hf-glm-4-moe", transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM, dict(
+        head_dim=16, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=40, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=1)),
 }
 PROMPT_LENS = [5, 17, 11]
 DECODE_STEPS = 8
@@ -43,14 +62,35 @@ def family(request, tmp_path_factory):
     model_type, config_cls, model_cls, extra = FAMILIES[request.param]
     torch.manual_seed(0)
     hf_model = model_cls(config_cls(**TINY, **extra)).eval()
-    for p in hf_model.parameters():  # random biases/norms too, so that every weight is exercised
-        torch.nn.init.normal_(p, std=0.2) if p.dim() == 1 else None
+    randomize(hf_model)
     path = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(path, safe_serialization=True)
-    reader = open_checkpoint(str(path))
-    model = load_model(reader, model_type, 256, torch.device("cpu"), torch.float32)
-    reader.close()
-    return hf_model, model
+    return Family(hf_model, load_tiny(path, model_type, "cpu", torch.float32), path, model_type)
+
+
+@dataclass
+class Family:
+    hf_model: torch.nn.Module
+    model: torch.nn.Module  # Chitu's, float32 on the CPU
+    path: Path              # the checkpoint save_pretrained wrote
+    model_type: str
+
+
+def load_tiny(path, model_type: str, device: str, dtype: torch.dtype):
+    with open_checkpoint(str(path)) as reader:
+        return load_model(reader, model_type, 256, torch.device(device), dtype)
+
+
+def randomize(hf_model: torch.nn.Module) -> None:
+    """Random biases and norms, so that every weight is exercised; MoE routers far from ties."""
+    for name, p in hf_model.named_parameters():
+        if p.dim() == 1:
+            torch.nn.init.normal_(p, std=0.2)
+        elif name.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=1.0)
+    for name, b in hf_model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            torch.nn.init.normal_(b, std=0.3)
 
 
 class PagedRun:
@@ -59,8 +99,8 @@ class PagedRun:
     def __init__(self, model, num_seqs: int, tokens_per_seq: int, device: str = "cpu"):
         self.device = device
         self.runner = ModelRunner(model, torch.device(device), BLOCK_SIZE)
-        for attention in model.attention_layers():
-            attention.backend = "triton" if device == "cuda" else "ref"
+        for layer in kv_cache_layers(model):
+            layer.backend = "triton" if device == "cuda" else "ref"
         blocks_per_seq = -(-tokens_per_seq // BLOCK_SIZE)
         ids = list(range(num_seqs * blocks_per_seq + 3))
         random.Random(0).shuffle(ids)
@@ -109,15 +149,14 @@ def run_prefill_and_decode(model, hf_models, device: str = "cpu") -> list[tuple[
 
 
 def test_logits_match_transformers(family):
-    hf_model, model = family
-    for step, (error,) in enumerate(run_prefill_and_decode(model, [hf_model])):
+    for step, (error,) in enumerate(run_prefill_and_decode(family.model, [family.hf_model])):
         assert error <= 1e-4, f"step {step} (0 = prefill)"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(family):
-    hf_model, model = family
-    chitu_bf16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    hf_model = family.hf_model
+    chitu_bf16 = load_tiny(family.path, family.model_type, "cuda", torch.bfloat16)
     hf_fp32 = copy.deepcopy(hf_model).to("cuda")
     hf_bf16 = copy.deepcopy(hf_model).to("cuda", torch.bfloat16)
     for step, (chitu_error, hf_error) in enumerate(run_prefill_and_decode(chitu_bf16, [hf_fp32, hf_bf16], "cuda")):
@@ -135,3 +174,36 @@ def test_unsupported_architecture_and_type_mismatch_are_clear(tmp_path):
     reader = open_checkpoint(str(tmp_path / "qwen3"))
     with pytest.raises(UnsupportedModelError, match="models.type=hf-glm-z1 but the checkpoint is Qwen3ForCausalLM"):
         load_model(reader, "hf-glm-z1", 64, torch.device("cpu"), torch.float32)
+
+
+# The tensor names of the published checkpoints (Qwen3-30B-A3B, Mixtral-8x7B-Instruct-v0.1, GLM-4.5):
+# experts one by one, the router as `gate`, GLM's shared experts and correction bias.
+PUBLISHED_NAMES = {
+    "qwen3-moe": ["model.layers.0.mlp.experts.7.gate_proj.weight", "model.layers.0.mlp.experts.0.down_proj.weight",
+                  "model.layers.0.mlp.gate.weight", "model.layers.1.mlp.up_proj.weight"],
+    "mixtral": ["model.layers.0.block_sparse_moe.experts.4.w1.weight", "model.layers.2.block_sparse_moe.experts.0.w2.weight",
+                "model.layers.1.block_sparse_moe.experts.3.w3.weight", "model.layers.0.block_sparse_moe.gate.weight"],
+    "glm4-moe": ["model.layers.1.mlp.experts.7.up_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+                 "model.layers.2.mlp.shared_experts.gate_proj.weight", "model.layers.0.mlp.gate_proj.weight"],
+}
+
+
+@pytest.mark.parametrize("family", list(PUBLISHED_NAMES), indirect=True)
+def test_moe_checkpoints_are_tested_in_the_published_per_expert_layout(family, request):
+    with open_checkpoint(str(family.path)) as reader:
+        assert set(PUBLISHED_NAMES[request.node.callspec.params["family"]]) <= set(reader.names())
+        assert not [n for n in reader.names() if "gate_up_proj" in n]  # not transformers' in-memory fusion
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    (dict(quant_method="fp8", fmt="e4m3", weight_block_size=[128, 128]), "quant_method='fp8' \\(fmt=e4m3, weight_block_size"),
+    (dict(quant_method="awq", bits=4), "quant_method='awq' \\(bits=4\\)"),
+    (dict(quant_method="compressed-tensors"), "quant_method='compressed-tensors'"),
+])
+def test_quantized_checkpoint_without_a_method_is_refused_by_name(tmp_path, quantization_config, message):
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY))
+    qwen3.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    with open_checkpoint(str(tmp_path)) as reader, pytest.raises(UnsupportedQuantizationError, match=message):
+        load_model(reader, "hf-llama", 64, torch.device("cpu"), torch.float32)

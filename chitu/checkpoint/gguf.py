@@ -1,4 +1,4 @@
-"""Reader for GGUF files (llama.cpp), presenting tensors under HF names and in HF layout."""
+"""Reader for GGUF files (llama.cpp), presenting tensors under Chitu's names and in HF layout."""
 import math
 import os
 from dataclasses import dataclass
@@ -6,9 +6,10 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from chitu.checkpoint.reader import CheckpointError, CheckpointReader, Shard
+from chitu.checkpoint.gguf_names import chitu_tensors
+from chitu.checkpoint.reader import CheckpointError, CheckpointReader, RawTensor, Shard
 from chitu.quant.gguf import dequantize
 
 # Architectures whose GGUF converter (convert_hf_to_gguf.py) permutes the rows of Q and K per head.
@@ -18,15 +19,18 @@ PERMUTED_QK_ARCHITECTURES = {"llama"}
 @dataclass(frozen=True)
 class _Tensor:
     stored: gguf.ReaderTensor
-    shape: tuple[int, ...]  # HF layout: GGUF dims reversed
+    shape: tuple[int, ...]  # HF layout (GGUF dims reversed), of one expert's slice when `expert` is set
     permuted_head_dim: int | None  # head size when the rows are llama.cpp-permuted Q/K
+    expert: int | None = None  # the slice of a stacked experts tensor
+
+    def data(self) -> np.ndarray:
+        """The stored bytes (or values), [..., bytes per row]."""
+        return self.stored.data if self.expert is None else self.stored.data[self.expert]
 
 
 class GGUFCheckpointReader(CheckpointReader):
-    """Reads one GGUF file through a memory map, dequantizing each tensor as it is read.
-
-    GGUF tensors with no HF counterpart (e.g. llama 3's rope_freqs) are not listed.
-    """
+    """Reads one GGUF file through a memory map, under Chitu's names (gguf_names.py), dequantizing
+    each tensor as it is read. GGUF tensors Chitu has no use for (llama 3's rope_freqs) are not listed."""
 
     def __init__(self, path: str):
         self.path = self.gguf_path = path
@@ -38,37 +42,28 @@ class GGUFCheckpointReader(CheckpointReader):
         self._index = self._map_tensors(reader)
 
     def _map_tensors(self, reader: gguf.GGUFReader) -> dict[str, _Tensor]:
-        """HF name -> GGUF tensor, through gguf's own name map applied to the HF model's parameter names."""
         architecture = reader.fields["general.architecture"].contents()
-        name_map = gguf.get_tensor_name_map(self._gguf_arch(architecture), self._config.num_hidden_layers)
-        by_gguf_name = {tensor.name: tensor for tensor in reader.tensors}
         tensors = {}
-        for hf_name in _hf_parameter_names(self._config):
-            found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if found is None or found[1] not in by_gguf_name:
-                continue
-            kind, gguf_name = found
-            stored = by_gguf_name[gguf_name]
+        for stored in reader.tensors:
             shape = tuple(int(dim) for dim in reversed(stored.shape))
-            heads = self._permuted_heads(architecture, kind)
-            tensors[hf_name] = _Tensor(stored, shape, shape[0] // heads if heads else None)
+            for tensor in chitu_tensors(architecture, stored.name, num_experts=shape[0] if len(shape) == 3 else 0):
+                heads = self._permuted_heads(architecture, tensor.kind)
+                own_shape = shape if tensor.expert is None else shape[1:]
+                tensors[tensor.name] = _Tensor(stored, own_shape, own_shape[0] // heads if heads else None, tensor.expert)
         return tensors
 
-    def _gguf_arch(self, architecture: str) -> gguf.MODEL_ARCH:
-        for arch, name in gguf.MODEL_ARCH_NAMES.items():
-            if name == architecture:
-                return arch
-        raise CheckpointError(f"GGUF architecture {architecture!r} of {self.path} is unknown to the gguf package")
-
-    def _permuted_heads(self, architecture: str, kind: gguf.MODEL_TENSOR) -> int | None:
+    def _permuted_heads(self, architecture: str, kind: str) -> int | None:
         if architecture not in PERMUTED_QK_ARCHITECTURES:
             return None
         n_heads = self._config.num_attention_heads
-        if kind == gguf.MODEL_TENSOR.ATTN_Q:
+        if kind == "attn_q":
             return n_heads
-        if kind == gguf.MODEL_TENSOR.ATTN_K:
+        if kind == "attn_k":
             return getattr(self._config, "num_key_value_heads", None) or n_heads
         return None
+
+    def use_renames(self, renames: tuple[tuple[str, str], ...]) -> None:
+        """Nothing to rename: GGUF names map to Chitu's directly, whatever HF calls them."""
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._lookup(name).shape
@@ -81,19 +76,27 @@ class GGUFCheckpointReader(CheckpointReader):
         shard: Shard | None = None,
     ) -> torch.Tensor:
         tensor = self._lookup(name)
+        raw = self.read_raw(name, shard, device)
+        shard = shard or raw.shard
+        try:
+            values = dequantize(raw.data, tensor.stored.tensor_type, dtype)
+        except ValueError as error:
+            raise CheckpointError(f"cannot decode tensor {name!r} in {self.path}: {error}") from error
+        if tensor.permuted_head_dim:
+            values = _unpermute_rows(values, tensor.permuted_head_dim)
+        return values.narrow(shard.dim, shard.start - raw.shard.start, shard.length).contiguous()
+
+    def read_raw(self, name: str, shard: Shard | None = None, device: str | torch.device = "cpu") -> RawTensor:
+        """The stored blocks of a window holding `shard` that spans whole quantization blocks (and
+        permuted heads), as uint8 rows [..., bytes per row]; Q/K rows stay in llama.cpp's order."""
+        tensor = self._lookup(name)
         if shard is None:
             shard = Shard(0, 0, tensor.shape[0])
         else:
             self._check_shard(name, shard)
         window = _decodable_window(tensor, shard)
         raw = torch.from_numpy(_window_bytes(tensor, window)).to(device)
-        try:
-            values = dequantize(raw, tensor.stored.tensor_type, dtype)
-        except ValueError as error:
-            raise CheckpointError(f"cannot decode tensor {name!r} in {self.path}: {error}") from error
-        if tensor.permuted_head_dim:
-            values = _unpermute_rows(values, tensor.permuted_head_dim)
-        return values.narrow(shard.dim, shard.start - window.start, shard.length).contiguous()
+        return RawTensor(raw, gguf.GGMLQuantizationType(tensor.stored.tensor_type).name, window)
 
     def hf_config(self) -> PretrainedConfig:
         return self._config
@@ -119,11 +122,6 @@ def _load_config(path: str, has_output: bool) -> PretrainedConfig:
     return config
 
 
-def _hf_parameter_names(config: PretrainedConfig) -> list[str]:
-    with torch.device("meta"):
-        return list(AutoModelForCausalLM.from_config(config).state_dict())
-
-
 def _decodable_window(tensor: _Tensor, shard: Shard) -> Shard:
     """The smallest shard holding `shard` that spans whole quantization blocks and permuted heads."""
     step = 1
@@ -143,7 +141,7 @@ def _window_bytes(tensor: _Tensor, window: Shard) -> np.ndarray:
         block_size, type_size = gguf.GGML_QUANT_SIZES[tensor.stored.tensor_type]
         begin, end = begin // block_size * type_size, end // block_size * type_size
     index = (slice(None),) * window.dim + (slice(begin, end),)
-    return np.array(tensor.stored.data.view(np.uint8)[index])
+    return np.array(tensor.data().view(np.uint8)[index])
 
 
 def _unpermute_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:

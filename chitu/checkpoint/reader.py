@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from glob import glob
@@ -28,18 +29,39 @@ class Shard:
     length: int
 
 
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as the checkpoint stores it, for linear methods that keep the stored format."""
+
+    data: torch.Tensor   # the stored dtype; GGUF: uint8 rows of whole quantization blocks
+    qtype: str | None    # GGUF's quantization type ("Q4_1", "F32", ...); None for a plain tensor
+    shard: Shard         # the part of the tensor `data` holds (GGUF widens a shard to whole blocks)
+
+
 class CheckpointReader(ABC):
-    """Reads tensors one at a time, by HF name and in HF layout, from a checkpoint."""
+    """Reads tensors one at a time, by Chitu's name (its module path, which is the usual HF name) and
+    in HF layout, from a checkpoint."""
 
     path: str
-    _index: dict  # HF name -> where the reader finds that tensor
+    _index: dict  # checkpoint name -> where the reader finds that tensor
+    _renames: list[tuple[re.Pattern, str]] = []
 
     def names(self) -> list[str]:
-        """HF-style tensor names, e.g. "model.layers.0.self_attn.q_proj.weight"."""
+        """The checkpoint's tensor names, e.g. "model.layers.0.self_attn.q_proj.weight"."""
         return list(self._index)
 
     def has(self, name: str) -> bool:
-        return name in self._index
+        return self.checkpoint_name(name) in self._index
+
+    def use_renames(self, renames: tuple[tuple[str, str], ...]) -> None:
+        """Map Chitu's names to this checkpoint's by (pattern, replacement) regexes, applied in order:
+        an architecture's HF spelling of its tensors (registry.Architecture.hf_renames)."""
+        self._renames = [(re.compile(pattern), replacement) for pattern, replacement in renames]
+
+    def checkpoint_name(self, name: str) -> str:
+        for pattern, replacement in self._renames:
+            name = pattern.sub(replacement, name)
+        return name
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
@@ -54,6 +76,10 @@ class CheckpointReader(ABC):
         shard: Shard | None = None,
     ) -> torch.Tensor:
         """Read one tensor (or only its `shard`) as `dtype` on `device`."""
+
+    @abstractmethod
+    def read_raw(self, name: str, shard: Shard | None = None, device: str | torch.device = "cpu") -> RawTensor:
+        """Read one tensor (or a part holding its `shard`) as stored, without converting or dequantizing it."""
 
     @abstractmethod
     def hf_config(self) -> PretrainedConfig: ...

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from chitu.checkpoint.reader import CheckpointError, CheckpointReader, Shard
+from chitu.checkpoint.reader import CheckpointError, CheckpointReader, RawTensor, Shard
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -33,6 +33,7 @@ class SafetensorsReader(CheckpointReader):
         return files
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self.checkpoint_name(name)
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def read(
@@ -42,14 +43,19 @@ class SafetensorsReader(CheckpointReader):
         device: str | torch.device = "cpu",
         shard: Shard | None = None,
     ) -> torch.Tensor:
+        return self.read_raw(name, shard, device).data.to(dtype=dtype)
+
+    def read_raw(self, name: str, shard: Shard | None = None, device: str | torch.device = "cpu") -> RawTensor:
+        name = self.checkpoint_name(name)
         handle = self._handle(name)
         if shard is None:
             tensor = handle.get_tensor(name)
+            shard = Shard(0, 0, tensor.shape[0] if tensor.dim() else 1)
         else:
             self._check_shard(name, shard)
             index = (slice(None),) * shard.dim + (slice(shard.start, shard.start + shard.length),)
             tensor = handle.get_slice(name)[index]
-        return tensor.to(device=device, dtype=dtype)
+        return RawTensor(tensor.to(device), None, shard)
 
     def hf_config(self) -> PretrainedConfig:
         return AutoConfig.from_pretrained(self.path)

@@ -159,7 +159,6 @@ POSITIVE_OR_NULL = ("serve.max_prompt_chars", "infer.num_threads")
 # Keys whose feature is not built yet: a non-default value stops the start instead of being ignored.
 NOT_BUILT: dict[str, tuple[Any, str]] = {
     "infer.dp_size": (1, "data parallelism"),
-    "infer.ep_size": (1, "expert parallelism"),
     "infer.cache_type": ("paged", "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": ("torch", "custom operator implementations"),
     "infer.mla_absorb": ("none", "MLA weight absorption (DeepSeek-V3 family)"),

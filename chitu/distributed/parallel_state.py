@@ -30,6 +30,7 @@ class ParallelState:
     tp_size: int = 1
     pp_size: int = 1
     rank: int = 0
+    ep_size: int = 1  # expert groups among a stage's tensor ranks (expert_placement.py)
     pp_layer_partition: list[int] | None = None
     timeout_s: float = 300.0       # infer.comm_timeout_s: waits for another rank while serving
     init_timeout_s: float = 900.0  # infer.dist_init_timeout_s: waits for ranks that are still starting
@@ -46,6 +47,11 @@ class ParallelState:
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
+
+    @property
+    def moe_tp_size(self) -> int:
+        """Ranks that split each expert's columns: a stage's tensor ranks per expert group."""
+        return self.tp_size // self.ep_size
 
     @property
     def pp_rank(self) -> int:
@@ -95,8 +101,13 @@ def world_size_from_env() -> int:
 
 
 def check_world_size(config: ChituConfig) -> None:
-    """tp_size x pp_size must be the number of processes; checked before any weight is read."""
+    """tp_size x pp_size must be the number of processes, and ep_size must divide tp_size; checked before
+    any weight is read."""
     infer, world = config.infer, world_size_from_env()
+    if infer.tp_size % infer.ep_size:
+        raise ConfigError(
+            f"infer.ep_size={infer.ep_size} must divide infer.tp_size={infer.tp_size}: experts are spread over the "
+            f"tensor ranks of one pipeline stage (world size {world} = tp_size x pp_size)")
     if infer.tp_size * infer.pp_size != world:
         raise ConfigError(
             f"infer.tp_size={infer.tp_size} x infer.pp_size={infer.pp_size} = {infer.tp_size * infer.pp_size} "
@@ -110,8 +121,8 @@ def init_parallel(config: ChituConfig, device: torch.device) -> ParallelState:
     check_world_size(config)
     configure_cpu_threads(config, device)
     infer = config.infer
-    state = ParallelState(infer.tp_size, infer.pp_size, int(os.environ.get("RANK", "0")), infer.pp_layer_partition,
-                          infer.comm_timeout_s, infer.dist_init_timeout_s)
+    state = ParallelState(infer.tp_size, infer.pp_size, int(os.environ.get("RANK", "0")), infer.ep_size,
+                          infer.pp_layer_partition, infer.comm_timeout_s, infer.dist_init_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # CUDA graphs and NCCL work on the current device
     if state.world_size > 1:

@@ -18,6 +18,7 @@ from chitu.config.schema import ChituConfig, ConfigError
 from chitu.distributed.comm import Mailbox, all_reduce_min, broadcast_in_stage
 from chitu.distributed.parallel_state import ParallelState, destroy_parallel, init_parallel
 from chitu.engine.kv_cache import blocks_for
+from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.models.loader import load_model
 from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
                             resolve_dtype)
@@ -37,8 +38,8 @@ class Worker:
         self.parallel: ParallelState = init_parallel(config, self.device)
         attention_backend = resolve_attention_backend(config, self.device)
         self.model = model if model is not None else self._load_model()
-        for attention in self.model.attention_layers():
-            attention.backend = attention_backend
+        for layer in kv_cache_layers(self.model):
+            layer.backend = attention_backend
         infer = config.infer
         self.mailbox = Mailbox()
         self.runner = ModelRunner(self.model, self.device, infer.block_size, infer.max_reqs, infer.max_seq_len,

@@ -4,19 +4,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from chitu.layers.kv_cache_spec import FullAttentionSpec, KVCacheSpec
 from chitu.ops import attention as attention_ops
 from chitu.ops.attention_metadata import AttentionMetadata
 
 
 class PagedAttention(nn.Module):
-    """The runner hands each layer its cache views ([num_blocks, block_size, kv_heads, head_dim])."""
+    """Caches per-head K and V ([num_blocks, block_size, kv_heads, head_dim] each) in `cache_dtype`."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, cache_dtype: torch.dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.backend = "ref"  # set by the engine: "ref" (torch) or "triton"
+        self.cache_dtype = cache_dtype
+        self.backend = "ref"
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return FullAttentionSpec(self.cache_dtype, self.num_kv_heads, self.head_dim, self.head_dim)
+
+    def bind_kv_cache(self, pages: dict[str, torch.Tensor] | None) -> None:
+        self.k_cache, self.v_cache = (None, None) if pages is None else (pages["k"], pages["v"])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] → [T, heads, head_dim]."""

@@ -1,7 +1,7 @@
-"""Which Chitu model class serves which checkpoint architecture."""
+"""Which Chitu model serves which checkpoint architecture, and how its checkpoints name the tensors."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -10,7 +10,10 @@ from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from chitu.errors import UserError
-from chitu.models.dense import DecoderOptions, DenseForCausalLM
+from chitu.layers.context import ModelContext
+from chitu.models import dense, moe
+from chitu.models.decoder import CausalLM, LayerBuilders
+from chitu.quant.config import QuantConfig
 
 
 class UnsupportedModelError(UserError):
@@ -20,26 +23,24 @@ class UnsupportedModelError(UserError):
 @dataclass(frozen=True)
 class Architecture:
     model_type: str  # the `type` of chitu/config/models/*.yaml
-    build: Callable[[PretrainedConfig, int, torch.dtype], nn.Module]
+    layers: Callable[[PretrainedConfig], LayerBuilders]
+    # (pattern, replacement) regexes from Chitu's tensor names (its module paths) to the names in HF
+    # safetensors checkpoints, where they differ; GGUF names are mapped in checkpoint/gguf_names.py.
+    hf_renames: tuple[tuple[str, str], ...] = field(default=())
 
 
-def _dense(options: Callable[[PretrainedConfig], DecoderOptions]) -> Callable[[PretrainedConfig, int, torch.dtype], nn.Module]:
-    return lambda config, max_positions, dtype: DenseForCausalLM(config, options(config), max_positions, dtype)
-
-
-def _llama_options(config: PretrainedConfig) -> DecoderOptions:
-    bias = getattr(config, "attention_bias", False)
-    return DecoderOptions(qkv_bias=bias, o_bias=bias, mlp_bias=getattr(config, "mlp_bias", False))
-
+_MIXTRAL_RENAMES = ((r"\.mlp\.", ".block_sparse_moe."), (r"(experts\.\d+)\.gate_proj\.", r"\1.w1."),
+                    (r"(experts\.\d+)\.down_proj\.", r"\1.w2."), (r"(experts\.\d+)\.up_proj\.", r"\1.w3."))
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "LlamaForCausalLM": Architecture("hf-llama", _dense(_llama_options)),
-    "MistralForCausalLM": Architecture("hf-llama", _dense(_llama_options)),
-    "Qwen2ForCausalLM": Architecture("hf-llama", _dense(lambda c: DecoderOptions(qkv_bias=True))),
-    "Qwen3ForCausalLM": Architecture("hf-llama", _dense(lambda c: DecoderOptions(
-        qkv_bias=c.attention_bias, o_bias=c.attention_bias, qk_norm=True))),
-    "Glm4ForCausalLM": Architecture("hf-glm-z1", _dense(lambda c: DecoderOptions(
-        qkv_bias=c.attention_bias, sandwich_norm=True, rope_interleaved=True, gate_up_sources=("gate_up_proj",)))),
+    "LlamaForCausalLM": Architecture("hf-llama", dense.llama),
+    "MistralForCausalLM": Architecture("hf-llama", dense.llama),
+    "Qwen2ForCausalLM": Architecture("hf-llama", dense.qwen2),
+    "Qwen3ForCausalLM": Architecture("hf-llama", dense.qwen3),
+    "Glm4ForCausalLM": Architecture("hf-glm-z1", dense.glm4),
+    "Qwen3MoeForCausalLM": Architecture("hf-qwen-3-moe", moe.qwen3_moe),
+    "MixtralForCausalLM": Architecture("hf-mixtral", moe.mixtral, _MIXTRAL_RENAMES),
+    "Glm4MoeForCausalLM": Architecture("hf-glm-4-moe", moe.glm4_moe),
 }
 MODEL_TYPES = sorted({a.model_type for a in ARCHITECTURES.values()})
 
@@ -56,10 +57,12 @@ def architecture_of(config: PretrainedConfig) -> tuple[str, Architecture]:
 
 
 def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype) -> nn.Module:
-    """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it."""
+    """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it.
+    A checkpoint declaring a quantization Chitu has no method for is refused here."""
     name, arch = architecture_of(config)
     if expected_type != arch.model_type:
         raise UnsupportedModelError(
             f"models.type={expected_type} but the checkpoint is {name} (type {arch.model_type})"
         )
-    return arch.build(config, max_positions, dtype)
+    ctx = ModelContext(config, dtype, max_positions, QuantConfig.from_checkpoint(config))
+    return CausalLM(ctx, arch.layers(config))

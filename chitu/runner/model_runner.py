@@ -9,6 +9,7 @@ from torch import nn
 
 from chitu.distributed.comm import Mailbox
 from chitu.distributed.parallel_state import parallel_state
+from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.cuda_graph import DecodeGraphs
 from chitu.runner.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -29,23 +30,15 @@ class ModelRunner:
         self.sampler = Sampler()
         self.sampling = SamplingStates(device)
         self.graphs: DecodeGraphs | None = None
-        self.hidden_size = model.config.hidden_size
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        self.cache_layers = kv_cache_layers(model)
 
     def kv_block_bytes(self) -> int:
-        """Bytes one KV block takes across this rank's layers and heads."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * self.block_size * a.num_kv_heads * a.head_dim * element for a in self.model.attention_layers())
+        """Bytes one KV block takes across this rank's caching layers, as their specs declare."""
+        return sum(layer.kv_cache_spec().page_bytes(self.block_size) for layer in self.cache_layers)
 
     def _allocate_pages(self, num_blocks: int) -> None:
-        for attention in self.model.attention_layers():
-            shape = (num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
-            # zeros, not empty: masked-out slots are multiplied by zero weights, and 0 * NaN would leak
-            attention.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            attention.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for layer in self.cache_layers:
+            layer.bind_kv_cache(layer.kv_cache_spec().allocate(num_blocks, self.block_size, self.device))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Blocks 0..num_blocks-1 belong to the block manager; with CUDA graphs one more is the padding rows' scratch."""
@@ -96,10 +89,8 @@ class ModelRunner:
             token_ids = torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         intermediate = None
         if not state.is_first_stage:
-            shape = (plan.num_tokens, self.hidden_size)
-            hidden, residual = self.mailbox.recv_tensors([(shape, self.dtype)] * 2, state.stage_peer(state.pp_rank - 1),
-                                                         self.device)
-            intermediate = (hidden, residual)
+            intermediate = tuple(self.mailbox.recv_tensors(self.model.intermediate_spec(plan.num_tokens),
+                                                           state.stage_peer(state.pp_rank - 1), self.device))
         out = self.model(token_ids, meta, intermediate)
         if not state.is_last_stage:
             self.mailbox.send_tensors(list(out), state.stage_peer(state.pp_rank + 1))
@@ -122,15 +113,15 @@ class ModelRunner:
         tokens = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         intermediate = None
         if not self.parallel.is_first_stage:  # stand-in activations: only their size matters here
-            hidden = torch.zeros(num_tokens, self.hidden_size, dtype=self.dtype, device=self.device)
-            intermediate = (hidden, hidden.clone())
+            intermediate = tuple(torch.zeros(shape, dtype=dtype, device=self.device)
+                                 for shape, dtype in self.model.intermediate_spec(num_tokens))
         out = self.model(tokens, meta, intermediate)
         if self.parallel.is_last_stage:
             self.model.compute_logits(out[-1:])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
-        for attention in self.model.attention_layers():
-            attention.k_cache = attention.v_cache = None
+        for layer in self.cache_layers:
+            layer.bind_kv_cache(None)
         torch.cuda.empty_cache()
         return peak
 

@@ -1,0 +1,22 @@
+"""What every layer builder is given: the checkpoint's config, the compute dtype and the quantization."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from chitu.quant.config import QuantConfig
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    config: PretrainedConfig
+    dtype: torch.dtype          # activations, dense weights and the KV cache
+    max_positions: int          # the longest sequence the RoPE table covers
+    quant: QuantConfig = QuantConfig()
+
+    @property
+    def head_dim(self) -> int:
+        config = self.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

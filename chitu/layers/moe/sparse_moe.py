@@ -1,0 +1,35 @@
+"""A sparse MoE block: the router, the routed experts and optional always-on shared experts.
+
+Every tensor rank of the stage holds the same tokens; each computes its experts' share (and its
+columns of the shared experts), and one all-reduce over the stage sums them (expert_placement.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chitu.distributed.comm import tp_all_reduce
+from chitu.distributed.expert_placement import ExpertPlacement
+from chitu.distributed.parallel_state import parallel_state
+from chitu.layers.context import ModelContext
+from chitu.layers.mlp import GatedMLP
+from chitu.layers.moe.experts import StackedExperts
+from chitu.layers.moe.router import Router, RouterOptions
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, ctx: ModelContext, prefix: str, num_experts: int, intermediate_size: int,
+                 router: RouterOptions, shared_intermediate_size: int = 0):
+        super().__init__()
+        self.gate = Router(num_experts, ctx.config.hidden_size, router)
+        placement = ExpertPlacement.for_rank(parallel_state(), num_experts, intermediate_size)
+        self.experts = StackedExperts(ctx, f"{prefix}.experts", placement)
+        self.shared_experts = (GatedMLP(ctx, f"{prefix}.shared_experts", shared_intermediate_size, reduce_results=False)
+                               if shared_intermediate_size else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return tp_all_reduce(out)

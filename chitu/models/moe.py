@@ -1,0 +1,55 @@
+"""Mixture-of-experts decoders — Qwen3-MoE, Mixtral, GLM-4.5/4.5-Air: GQA attention, and in each
+layer either a dense gated MLP or a sparse MoE block, as the checkpoint's config says."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from chitu.layers.context import ModelContext
+from chitu.layers.mlp import GatedMLP
+from chitu.layers.moe.router import RouterOptions
+from chitu.layers.moe.sparse_moe import SparseMoE
+from chitu.layers.self_attention import AttentionOptions
+from chitu.models.decoder import LayerBuilders, MLPBuilder
+from chitu.models.dense import gqa_attention
+
+
+def moe_or_dense(is_moe: Callable[[int], bool], moe: Callable[[ModelContext, str], SparseMoE]) -> MLPBuilder:
+    def build(ctx: ModelContext, index: int, prefix: str) -> nn.Module:
+        return moe(ctx, prefix) if is_moe(index) else GatedMLP(ctx, prefix, ctx.config.intermediate_size)
+    return build
+
+
+def qwen3_moe(config: PretrainedConfig) -> LayerBuilders:
+    def is_moe(index: int) -> bool:
+        return (index not in (config.mlp_only_layers or []) and config.num_experts > 0
+                and (index + 1) % config.decoder_sparse_step == 0)
+
+    router = RouterOptions(config.num_experts_per_tok, renormalize=config.norm_topk_prob)
+    bias = config.attention_bias
+    return LayerBuilders(
+        gqa_attention(AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)),
+        moe_or_dense(is_moe, lambda ctx, prefix: SparseMoE(ctx, prefix, config.num_experts,
+                                                           config.moe_intermediate_size, router)))
+
+
+def mixtral(config: PretrainedConfig) -> LayerBuilders:
+    router = RouterOptions(config.num_experts_per_tok, renormalize=True)
+    return LayerBuilders(
+        gqa_attention(AttentionOptions()),
+        moe_or_dense(lambda index: True, lambda ctx, prefix: SparseMoE(ctx, prefix, config.num_local_experts,
+                                                                       config.intermediate_size, router)))
+
+
+def glm4_moe(config: PretrainedConfig) -> LayerBuilders:
+    router = RouterOptions(config.num_experts_per_tok, scoring="sigmoid", renormalize=config.norm_topk_prob,
+                           correction_bias=True, num_groups=config.n_group, top_groups=config.topk_group,
+                           scaling_factor=config.routed_scaling_factor)
+    shared = config.moe_intermediate_size * config.n_shared_experts
+    return LayerBuilders(
+        gqa_attention(AttentionOptions(qkv_bias=config.attention_bias, qk_norm=config.use_qk_norm)),
+        moe_or_dense(lambda index: index >= config.first_k_dense_replace,
+                     lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts, config.moe_intermediate_size,
+                                                   router, shared)))

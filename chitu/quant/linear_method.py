@@ -1,0 +1,55 @@
+"""How a linear layer's weight is stored, loaded from the checkpoint and applied to activations.
+
+A linear layer decides which slices of which checkpoint matrices it holds (its sharding); its
+LinearMethod decides the rest. Methods for quantized formats (FP8 with block scales, GGUF blocks,
+int8, AWQ/GPTQ) keep their raw tensors and scales (CheckpointReader.read_raw) and apply them with
+their own kernels; the unquantized method holds a dense matrix in the compute dtype.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chitu.checkpoint import CheckpointReader, Shard
+from chitu.layers.loadable import copy_into
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype,
+                       num_experts: int | None = None) -> None:
+        """Register the layer's weight parameters: one [out, in] matrix, or one per expert when stacked."""
+
+    @abstractmethod
+    def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
+             expert: int | None = None) -> None:
+        """Fill the weight (or expert slot `expert` of a stacked one) from the checkpoint: the output rows
+        stack `parts`, each the weight of the module named by its prefix, cut to its shard."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias)."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """A dense weight in the compute dtype; quantized checkpoint tensors (GGUF) are dequantized as read."""
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype,
+                       num_experts: int | None = None) -> None:
+        shape = (out_features, in_features) if num_experts is None else (num_experts, out_features, in_features)
+        layer.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+    def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
+             expert: int | None = None) -> None:
+        target = layer.weight if expert is None else layer.weight[expert]
+        rows = [reader.read(f"{prefix}.weight", target.dtype, target.device, shard) for prefix, shard in parts]
+        copy_into(target, rows[0] if len(rows) == 1 else torch.cat(rows, dim=0), f"{parts[0][0]}.weight")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+UNQUANTIZED = UnquantizedLinearMethod()
