@@ -1,6 +1,6 @@
 """Tensor and pipeline parallelism over real torch.distributed (gloo, several processes on the CPU):
 every layout must produce the tokens of one process and logprobs within 1e-4 (fp32), on tiny random
-Llama and Qwen3 checkpoints and on SmolLM2. Sharding rules and start-up errors are checked in-process."""
+Llama, Qwen3, Qwen3-MoE, GLM-4.5 and Mixtral checkpoints and on SmolLM2 (expert parallelism included). Sharding rules and start-up errors are checked in-process."""
 import json
 import sys
 from pathlib import Path
@@ -11,10 +11,12 @@ import transformers
 
 from chitu.config import compose_config
 from chitu.config.schema import ConfigError
-from chitu.distributed.parallel_state import check_world_size
+from chitu.distributed.expert_placement import ExpertPlacement
+from chitu.distributed.parallel_state import ParallelState, check_world_size
 from chitu.distributed.sharding import Span, head_shard, stage_layers, vocab_shard
 import process_tree
 from test_launchers import SSH, fake_bin, real_env  # noqa: F401 (fake_bin is a fixture)
+from test_models import randomize
 
 SCRIPT = Path(__file__).with_name("dist_generate.py")
 TOLERANCE = 1e-4
@@ -29,6 +31,16 @@ MODELS = {
     # one KV head: at tp_size=2 both ranks hold a replica of it
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(num_key_value_heads=1, vocab_size=320,
                                                                             head_dim=32)),
+    # 5 experts: expert groups of 3 and 2; a dense layer among the MoE ones
+    "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_key_value_heads=2, vocab_size=320, head_dim=16, num_experts=5, num_experts_per_tok=2,
+        moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[2])),
+    "glm4-moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM, dict(
+        num_key_value_heads=2, vocab_size=320, head_dim=16, n_routed_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, use_qk_norm=True, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=1)),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        num_key_value_heads=2, vocab_size=320, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
 
 
@@ -38,12 +50,18 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     for name, (config_cls, model_cls, extra) in MODELS.items():
         torch.manual_seed(0)
         model = model_cls(config_cls(**TINY, **extra))
-        for p in model.parameters():  # random norms too, so every weight matters
-            torch.nn.init.normal_(p, std=0.2) if p.dim() == 1 else None
+        randomize(model)
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path, safe_serialization=True)
         paths[name] = str(path)
     return paths
+
+
+MODEL_TYPES = {"qwen3-moe": "hf-qwen-3-moe", "glm4-moe": "hf-glm-4-moe", "mixtral": "hf-mixtral"}
+
+
+def model_args(name: str, path: str) -> list[str]:
+    return [f"models.ckpt_dir={path}", f"models.type={MODEL_TYPES.get(name, 'hf-llama')}"]
 
 
 def generate(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
@@ -66,7 +84,7 @@ def assert_same_generation(actual: list[dict], expected: list[dict]) -> None:
 def reference(checkpoints, tmp_path_factory, smollm2_path) -> dict[str, list[dict]]:
     """One process per model: what every parallel layout must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
-    runs = {name: generate(tmp, 1, [f"models.ckpt_dir={path}"]) for name, path in checkpoints.items()}
+    runs = {name: generate(tmp, 1, model_args(name, path)) for name, path in checkpoints.items()}
     runs["smollm2"] = generate(tmp, 1, [f"models.ckpt_dir={smollm2_path}"])
     return runs
 
@@ -80,13 +98,20 @@ LAYOUTS = [
     # 9 heads in 3 KV groups: one rank gets one group, the other two
     ("smollm2", 2, ["infer.tp_size=2"]),
     ("smollm2", 2, ["infer.pp_size=2", *SPLIT_DECODE]),
+    # MoE: experts sliced over the tensor ranks (ep_size=1), whole experts per rank (ep_size=tp_size),
+    # and both at once (two expert groups of two ranks); attention tensor-parallel throughout
+    ("qwen3-moe", 2, ["infer.tp_size=2"]),
+    ("qwen3-moe", 2, ["infer.tp_size=2", "infer.ep_size=2"]),
+    ("qwen3-moe", 4, ["infer.tp_size=2", "infer.pp_size=2", "infer.ep_size=2", *SPLIT_DECODE]),
+    ("glm4-moe", 2, ["infer.tp_size=2", "infer.ep_size=2"]),
+    ("mixtral", 4, ["infer.tp_size=4", "infer.ep_size=2"]),
 ]
 
 
 @pytest.mark.parametrize("model,nproc,layout", LAYOUTS, ids=[f"{m}-{'-'.join(o[:2])}" for m, _, o in LAYOUTS])
 def test_parallel_layout_matches_one_process(model, nproc, layout, checkpoints, reference, smollm2_path, tmp_path):
     path = smollm2_path if model == "smollm2" else checkpoints[model]
-    assert_same_generation(generate(tmp_path, nproc, [f"models.ckpt_dir={path}", *layout]), reference[model])
+    assert_same_generation(generate(tmp_path, nproc, [*model_args(model, path), *layout]), reference[model])
 
 
 def test_tp_and_pp_across_two_nodes(fake_bin, checkpoints, reference, tmp_path):
@@ -144,6 +169,12 @@ def test_world_size_must_match_tp_times_pp(monkeypatch):
         check_world_size(compose_config(["infer.tp_size=2", "infer.pp_size=2"]))
 
 
+def test_ep_size_must_divide_tp_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"infer.ep_size=4 must divide infer.tp_size=2: experts are spread over"):
+        check_world_size(compose_config(["infer.tp_size=2", "infer.ep_size=4"]))
+
+
 def test_plain_python_with_tp_fails_before_loading(tmp_path):
     proc = process_tree.run([sys.executable, str(SCRIPT), str(tmp_path / "x.json"), "infer.tp_size=2",
                              "models.ckpt_dir=/nonexistent"], timeout=120)
@@ -177,3 +208,12 @@ def test_stage_layers():
         stage_layers(4, 2, 0, [1, 2])
     with pytest.raises(ConfigError, match="infer.pp_size=8 exceeds the model's 4 layers"):
         stage_layers(4, 8, 0, None)
+
+
+def test_expert_placement_splits_experts_then_columns():
+    # 4 tensor ranks, 2 expert groups: ranks 0-1 hold experts 0-2, ranks 2-3 experts 3-4, each half the columns
+    placements = [ExpertPlacement.for_rank(ParallelState(tp_size=4, ep_size=2, rank=r), 5, 24) for r in range(4)]
+    assert [(p.experts, p.columns) for p in placements] == [
+        (Span(0, 3), Span(0, 12)), (Span(0, 3), Span(12, 12)), (Span(3, 2), Span(0, 12)), (Span(3, 2), Span(12, 12))]
+    whole = [ExpertPlacement.for_rank(ParallelState(tp_size=2, ep_size=2, rank=r), 8, 24) for r in range(2)]
+    assert [(p.experts, p.columns) for p in whole] == [(Span(0, 4), Span(0, 24)), (Span(4, 4), Span(0, 24))]
