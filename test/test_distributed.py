@@ -31,7 +31,7 @@ MODELS = {
     # one KV head: at tp_size=2 both ranks hold a replica of it
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(num_key_value_heads=1, vocab_size=320,
                                                                             head_dim=32)),
-    # 5 experts: expert groups of 3 and 2; a dense layer among the MoE ones
+    # 5 experts: expert groups of 2 and 3; a dense layer among the MoE ones
     "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
         num_key_value_heads=2, vocab_size=320, head_dim=16, num_experts=5, num_experts_per_tok=2,
         moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[2])),
@@ -211,9 +211,9 @@ def test_stage_layers():
 
 
 def test_expert_placement_splits_experts_then_columns():
-    # 4 tensor ranks, 2 expert groups: ranks 0-1 hold experts 0-2, ranks 2-3 experts 3-4, each half the columns
+    # 4 tensor ranks, 2 expert groups: ranks 0-1 hold experts 0-1, ranks 2-3 experts 2-4, each half the columns
     placements = [ExpertPlacement.for_rank(ParallelState(tp_size=4, ep_size=2, rank=r), 5, 24) for r in range(4)]
     assert [(p.experts, p.columns) for p in placements] == [
-        (Span(0, 3), Span(0, 12)), (Span(0, 3), Span(12, 12)), (Span(3, 2), Span(0, 12)), (Span(3, 2), Span(12, 12))]
+        (Span(0, 2), Span(0, 12)), (Span(0, 2), Span(12, 12)), (Span(2, 3), Span(0, 12)), (Span(2, 3), Span(12, 12))]
     whole = [ExpertPlacement.for_rank(ParallelState(tp_size=2, ep_size=2, rank=r), 8, 24) for r in range(2)]
     assert [(p.experts, p.columns) for p in whole] == [(Span(0, 4), Span(0, 24)), (Span(4, 4), Span(0, 24))]
