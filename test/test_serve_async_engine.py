@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chitu.config import compose_config
-from chitu.engine.engine import LLMEngine, RequestRejected
+from chitu.engine.engine import LLMEngine, RequestRejected, StepError
 from chitu.engine.sampling_params import SamplingParams
 from chitu.serve.async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
 
@@ -78,6 +78,24 @@ def test_failed_step_costs_only_the_request_at_fault(poisoned):
         assert await tokens(await async_engine.add("after", PROMPT, GREEDY)) == reference
 
     run_with(poisoned, scenario)
+
+
+def test_requests_new_in_a_failed_step_are_retried_with_their_sampling_settings(poisoned):
+    """All three are first seen by the sampler in the step that fails: it must still know the good ones."""
+    engine = poisoned
+    reference = engine.add_request(PROMPT, GREEDY)
+    while engine.has_unfinished():
+        engine.step()
+    good = [engine.add_request(PROMPT, GREEDY) for _ in range(2)]
+    bad = engine.add_request([POISON, *PROMPT], GREEDY)
+    with pytest.raises(StepError) as failed:
+        while engine.has_unfinished():
+            engine.step()
+    assert failed.value.requests == [bad]
+    engine.abort(bad.request_id)
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in good] == [reference.output_token_ids] * 2
 
 
 def test_out_of_vocabulary_prompt_ids_are_rejected(engine):

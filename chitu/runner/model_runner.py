@@ -55,30 +55,35 @@ class ModelRunner:
         Sampling comes after every collective of the step, so that a failure there (SamplingFailed)
         leaves the ranks in step."""
         token_ids = previous.on_device.token_ids if plan.tokens_from_previous else plan.token_ids
-        if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
-            logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
-        else:
-            logits = self._run_eager(plan, token_ids)
-        if not self.parallel.is_sampler:
-            return None
         try:
-            self.sampling.update(plan)
-            if not plan.sampling_rows:
-                return None
-            request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
-            params, output_tokens, prompt_tokens = self.sampling.rows(request_ids)
-            sampling = SamplingBatch.build(params, output_tokens, self.device, prompt_tokens)
-            return PendingSamples.start_copy(self.sampler(logits, sampling))
+            if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
+                logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
+            else:
+                logits = self._run_eager(plan, token_ids)
+        finally:  # the plan's new requests are the sampler's even when the step fails: they are retried
+            if self.parallel.is_sampler:
+                self._sampling_step(self.sampling.update, plan)
+        if not self.parallel.is_sampler or not plan.sampling_rows:
+            return None
+        return self._sampling_step(self._sample, plan, logits)
+
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> PendingSamples:
+        request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
+        params, output_tokens, prompt_tokens = self.sampling.rows(request_ids)
+        sampling = SamplingBatch.build(params, output_tokens, self.device, prompt_tokens)
+        return PendingSamples.start_copy(self.sampler(logits, sampling))
+
+    @staticmethod
+    def _sampling_step(fn, *args):
+        try:
+            return fn(*args)
         except Exception as e:
             raise SamplingFailed(f"sampling failed: {e}") from e
 
     def collect(self, plan: StepPlan, pending: PendingSamples) -> StepResult:
         """Wait for a plan's samples to reach the host; the sampling state records its tokens."""
         result = pending.wait()
-        try:
-            self.sampling.record([plan.request_ids[i] for i in plan.sampling_rows], result.token_ids)
-        except Exception as e:
-            raise SamplingFailed(f"sampling failed: {e}") from e
+        self._sampling_step(self.sampling.record, [plan.request_ids[i] for i in plan.sampling_rows], result.token_ids)
         return result
 
     def _run_eager(self, plan: StepPlan, token_ids: list[int] | torch.Tensor) -> torch.Tensor | None:
