@@ -73,13 +73,17 @@ def memory_budget(device: torch.device, utilization: float) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * utilization)
 
 
-def resolve_cuda_graph(config: ChituConfig, device: torch.device) -> bool:
+def resolve_cuda_graph(config: ChituConfig, device: torch.device, capturable: bool = True) -> bool:
+    """`capturable`: whether the model's decode step can be captured (runner/cuda_graph.py)."""
     setting = config.infer.use_cuda_graph
     if setting is True and device.type != "cuda":
         raise ConfigError("infer.use_cuda_graph=True needs a CUDA device")
     if setting is True and config.infer.pp_size > 1:
         raise ConfigError("infer.use_cuda_graph=True is not supported with infer.pp_size > 1 yet: use auto or False")
-    return device.type == "cuda" and config.infer.pp_size == 1 if setting == "auto" else setting
+    if setting is True and not capturable:
+        raise ConfigError("infer.use_cuda_graph=True: this model's MoE layers run the torch reference, which waits "
+                          "for the host every step and cannot be captured yet: use auto or False")
+    return device.type == "cuda" and config.infer.pp_size == 1 and capturable if setting == "auto" else setting
 
 
 def resolve_attention_backend(config: ChituConfig, device: torch.device) -> str:

@@ -16,6 +16,7 @@ from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.models.loader import load_model
 from chitu.models.registry import UnsupportedModelError
 from chitu.quant.config import UnsupportedQuantizationError
+from chitu.runner.cuda_graph import capturable
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.model_runner import ModelRunner
 
@@ -193,6 +194,10 @@ def test_moe_checkpoints_are_tested_in_the_published_per_expert_layout(family, r
     with open_checkpoint(str(family.path)) as reader:
         assert set(PUBLISHED_NAMES[request.node.callspec.params["family"]]) <= set(reader.names())
         assert not [n for n in reader.names() if "gate_up_proj" in n]  # not transformers' in-memory fusion
+
+
+def test_moe_models_leave_cuda_graphs_off_until_their_experts_can_be_captured(family):
+    assert capturable(family.model) == (family.model_type in ("hf-llama", "hf-glm-z1"))
 
 
 @pytest.mark.parametrize("quantization_config, message", [

@@ -35,6 +35,14 @@ def test_cuda_graphs_need_cuda():
         resolve_cuda_graph(compose_config(["infer.use_cuda_graph=True"]), CPU)
 
 
+def test_cuda_graphs_off_for_models_that_cannot_be_captured():
+    cuda = torch.device("cuda")
+    assert resolve_cuda_graph(compose_config([]), cuda, capturable=True) is True
+    assert resolve_cuda_graph(compose_config([]), cuda, capturable=False) is False
+    with pytest.raises(ConfigError, match="MoE layers run the torch reference"):
+        resolve_cuda_graph(compose_config(["infer.use_cuda_graph=True"]), cuda, capturable=False)
+
+
 def test_platform_builds_are_named(monkeypatch):
     monkeypatch.setenv("CHITU_ASCEND_BUILD", "1")
     with pytest.raises(ConfigError, match="Ascend NPU support is not built"):

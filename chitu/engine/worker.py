@@ -22,6 +22,7 @@ from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.models.loader import load_model
 from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
                             resolve_dtype)
+from chitu.runner.cuda_graph import capturable
 from chitu.runner.model_runner import ModelRunner, PendingSamples, SamplingFailed
 from chitu.runner.step_plan import PlanKind, StepPlan
 
@@ -43,7 +44,7 @@ class Worker:
         infer = config.infer
         self.mailbox = Mailbox()
         self.runner = ModelRunner(self.model, self.device, infer.block_size, infer.max_reqs, infer.max_seq_len,
-                                  resolve_cuda_graph(config, self.device), self.mailbox)
+                                  resolve_cuda_graph(config, self.device, capturable(self.model)), self.mailbox)
         self.num_blocks = all_reduce_min(self._affordable_kv_blocks())
         if infer.num_blocks == -1:
             self._check_kv_capacity()

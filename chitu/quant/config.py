@@ -20,7 +20,7 @@ class UnsupportedQuantizationError(UserError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str = "none"
+    """Per-layer linear methods; methods for quantized formats add their settings here."""
 
     @classmethod
     def from_checkpoint(cls, config: PretrainedConfig) -> QuantConfig:

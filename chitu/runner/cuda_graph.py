@@ -13,6 +13,12 @@ from chitu.ops.attention_metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+def capturable(model: nn.Module) -> bool:
+    """Whether the model's decode step can be captured: no module of it declares `capturable = False`
+    (the torch MoE reference reads its expert counts on the host)."""
+    return all(getattr(m, "capturable", True) for m in model.modules())
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return sizes + [max_batch]

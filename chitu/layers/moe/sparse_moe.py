@@ -18,6 +18,8 @@ from chitu.layers.moe.router import Router, RouterOptions
 
 
 class SparseMoE(nn.Module):
+    capturable = False  # the torch expert computation groups tokens on the host (runner/cuda_graph.py)
+
     def __init__(self, ctx: ModelContext, prefix: str, num_experts: int, intermediate_size: int,
                  router: RouterOptions, shared_intermediate_size: int = 0):
         super().__init__()
