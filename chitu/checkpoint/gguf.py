@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from chitu.checkpoint.gguf_config import moe_config
 from chitu.checkpoint.gguf_names import chitu_tensors
 from chitu.checkpoint.reader import CheckpointError, CheckpointReader, RawTensor, Shard
 from chitu.quant.gguf import dequantize
@@ -36,7 +37,7 @@ class GGUFCheckpointReader(CheckpointReader):
         self.path = self.gguf_path = path
         try:
             reader = gguf.GGUFReader(path)
-            self._config = _load_config(path, has_output=any(t.name == "output.weight" for t in reader.tensors))
+            self._config = _load_config(path, reader)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot open GGUF file {path}: {error}") from error
         self._index = self._map_tensors(reader)
@@ -114,10 +115,14 @@ class GGUFCheckpointReader(CheckpointReader):
         return self._index[name]
 
 
-def _load_config(path: str, has_output: bool) -> PretrainedConfig:
+def _load_config(path: str, reader: gguf.GGUFReader) -> PretrainedConfig:
+    """Chitu's own config for the MoE architectures (gguf_config.py), transformers' for the others."""
+    config = moe_config(reader, path)
+    if config is not None:
+        return config
     directory, file = os.path.split(path)
     config = AutoConfig.from_pretrained(directory, gguf_file=file)
-    if not has_output:
+    if not any(t.name == "output.weight" for t in reader.tensors):
         config.tie_word_embeddings = True
     return config
 
