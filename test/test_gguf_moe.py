@@ -282,25 +282,15 @@ def test_quantized_cases_hold_quantized_experts(converted, request):
     assert {t.name for t in reader.tensors if t.tensor_type == QType.Q8_0} == set(converted.quantized)
 
 
-GLM4_MOE_POST_ATTENTION_NORM = gguf_names.chitu_tensors("glm4moe", "blk.0.post_attention_norm.weight", 0)
-GLM4_MOE_NAMES_MISSING = GLM4_MOE_POST_ATTENTION_NORM[0].name != "model.layers.0.post_attention_layernorm.weight"
-
-
-@pytest.mark.xfail(GLM4_MOE_NAMES_MISSING, strict=True,
-                   reason="gguf_names.py maps glm4moe's post_attention_norm to GLM-4's post_self_attn_layernorm")
 def test_glm4_moe_post_attention_norm_is_the_ffn_norm():
-    # llama.cpp's glm4moe stores HF's post_attention_layernorm (the norm before the MLP) as
-    # blk.N.post_attention_norm: gguf.get_tensor_name_map(MODEL_ARCH.GLM4_MOE, 1)
+    # llama.cpp's glm4moe stores HF's post_attention_layernorm (the norm before the MLP) as blk.N.post_attention_norm
     assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.GLM4_MOE, 1).get_name(
         "model.layers.0.post_attention_layernorm") == "blk.0.post_attention_norm"
-    assert GLM4_MOE_POST_ATTENTION_NORM[0].name == "model.layers.0.post_attention_layernorm.weight"
+    tensors = gguf_names.chitu_tensors("glm4moe", "blk.0.post_attention_norm.weight", 0)
+    assert [t.name for t in tensors] == ["model.layers.0.post_attention_layernorm.weight"]
 
 
-def test_logits_match_transformers(converted, monkeypatch):
-    if converted.model_type == "hf-glm-4-moe" and GLM4_MOE_NAMES_MISSING:
-        # until gguf_names.py has it (see the test above): the mapping llama.cpp's glm4moe needs
-        monkeypatch.setitem(gguf_names._ARCHITECTURE_BLOCK, "glm4moe",
-                            {"post_attention_norm": "post_attention_layernorm"})
+def test_logits_match_transformers(converted):
     with open_checkpoint(converted.path) as reader:
         model = load_model(reader, converted.model_type, 256, torch.device("cpu"), torch.float32)
     assert len(model.model.layers) == converted.hf_config.num_hidden_layers

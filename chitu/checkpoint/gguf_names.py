@@ -23,8 +23,10 @@ _BLOCK = {
 }
 _WHOLE_NAMES = {"exp_probs_b": "mlp.gate.e_score_correction_bias"}  # a parameter, not a module's weight/bias
 _STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-# Per GGUF architecture: kinds that hold another module's tensor (GLM-4's ffn_up stacks gate over up).
-_ARCHITECTURE_BLOCK = {"glm4": {"ffn_up": "mlp.gate_up_proj"}}
+# Per GGUF architecture: kinds that hold another module's tensor (GLM-4's ffn_up stacks gate over up;
+# GLM-4.5 stores its pre-MLP norm as post_attention_norm, which is GLM-4's extra post-attention norm).
+_ARCHITECTURE_BLOCK = {"glm4": {"ffn_up": "mlp.gate_up_proj"},
+                       "glm4moe": {"post_attention_norm": "post_attention_layernorm"}}
 
 _NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
