@@ -5,12 +5,12 @@ in the same run, interleaved round by round, on two models:
 - a random Qwen3-MoE of 0.49B parameters, 0.1B active (hidden 1024, 8 layers of 64 experts with 8
   active per token, moe_intermediate_size 256, 16 heads / 4 KV heads of 64, vocab 32000), which
   transformers' `save_pretrained` writes to a temporary directory (safetensors, experts one by one) and
-  Chitu reads as `hf-qwen-3-moe`. Both engines in the same dtype, float32 unless `--moe-dtype bfloat16`;
-  transformers through `Qwen3MoeForCausalLM.generate` with its default experts implementation (named
-  in the table's title).
+  Chitu reads as `hf-qwen-3-moe`. Both engines in bf16 and in fp32 (`--moe-dtypes`); transformers
+  through `Qwen3MoeForCausalLM.generate` with its default experts (`grouped_mm`: one grouped matmul
+  per projection) and with its per-expert loop (`eager`).
 
     python benchmarks/bench_offline.py [--rounds 2] [--new-tokens 64] [--batches 1 8 32]
-        [--moe-new-tokens 16] [--moe-batches 1 8] [--moe-dtype float32] [--moe-only | --no-moe]
+        [--moe-new-tokens 16] [--moe-batches 1 8] [--moe-dtypes bfloat16 float32] [--moe-only | --no-moe]
 
 Reports decode tokens/s at each batch size (total over the batch, prefill excluded), the time to
 prefill one 128-token prompt, and Chitu's decode speed over transformers' at the same batch size.
@@ -91,14 +91,16 @@ class ChituRunner:
 class TransformersRunner:
     """transformers' generate on a GGUF file (dequantized) or a save_pretrained directory."""
 
-    def __init__(self, path: str, dtype: str = "float32"):
+    def __init__(self, path: str, dtype: str = "float32", experts: str | None = None):
+        """`experts`: transformers' experts_implementation for MoE models (None: its default)."""
         from transformers import AutoModelForCausalLM
-        self.name = f"transformers ({SHORT_DTYPES.get(dtype, dtype)})"
+        kwargs = {"dtype": getattr(torch, dtype)} | ({"experts_implementation": experts} if experts else {})
         if path.endswith(".gguf"):
             self.model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                              dtype=getattr(torch, dtype))
+                                                              **kwargs)
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+            self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        self.name = f"transformers ({SHORT_DTYPES.get(dtype, dtype)}{f', {experts} experts' if experts else ''})"
         self.model.eval()
         self.vocab = self.model.config.vocab_size
 
@@ -148,16 +150,15 @@ class LlamaCppRunner:
         return time.perf_counter() - start
 
 
-def build_runners(path: str | None, dtypes: list[str], max_batch: int, model_type: str | None = None,
-                  hf_dtype: str = "float32", llama_cpp: bool = False) -> list:
-    """Chitu in each dtype, then transformers in `hf_dtype` (the baseline), then llama.cpp where asked and
+def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp: bool = False) -> list:
+    """Chitu in each dtype, then transformers in fp32 (the baseline), then llama.cpp where asked and
     installed. `path`: the checkpoint; None for the default model (SmolLM2's GGUF)."""
     from chitu.config import ConfigError, compose_config
     try:
         hf_path = path or compose_config().models.checkpoint_path()
     except ConfigError as e:
         sys.exit(str(e))
-    runners = [ChituRunner(d, max_batch, path, model_type) for d in dtypes] + [TransformersRunner(hf_path, hf_dtype)]
+    runners = [ChituRunner(d, max_batch, path) for d in dtypes] + [TransformersRunner(hf_path)]
     if llama_cpp:
         try:
             runners.append(LlamaCppRunner(hf_path))
@@ -202,13 +203,14 @@ def print_table(title: str, results: dict, runners: list, batches: list[int]) ->
     for runner in runners:
         cells = [results.get((runner.name, c)) for c in columns]
         print(f"{runner.name:32}" + "".join(f"{v:>20.3f}" if v is not None else f"{'-':>20}" for v in cells))
-    baseline = next(r.name for r in runners if isinstance(r, TransformersRunner))
+    baselines = [r.name for r in runners if isinstance(r, TransformersRunner)]
     for runner in runners:
         if not isinstance(runner, ChituRunner):
             continue
-        ratios = [f"batch {b} = {results[(runner.name, c)] / results[(baseline, c)]:.2f}x"
-                  for b, c in zip(batches, columns[1:]) if (runner.name, c) in results and (baseline, c) in results]
-        print(f"{runner.name} decode: {', '.join(ratios)} transformers at the same batch")
+        for baseline in baselines:
+            ratios = [f"batch {b} = {results[(runner.name, c)] / results[(baseline, c)]:.2f}x"
+                      for b, c in zip(batches, columns[1:]) if (runner.name, c) in results and (baseline, c) in results]
+            print(f"{runner.name} decode: {', '.join(ratios)} {baseline} at the same batch")
 
 
 def run_smollm2(args) -> None:
@@ -222,14 +224,14 @@ def run_moe(args, config: dict = MOE_CONFIG) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_moe_") as directory:
         params = save_random_moe(directory, config)
         gc.collect()
-        runners = build_runners(directory, [args.moe_dtype], max(args.moe_batches), model_type="hf-qwen-3-moe",
-                                hf_dtype=args.moe_dtype)
-        implementation = runners[-1].model.config._experts_implementation
+        runners = [ChituRunner(dtype, max(args.moe_batches), directory, "hf-qwen-3-moe") for dtype in args.moe_dtypes]
+        # transformers' default experts (grouped_mm: one grouped matmul per projection) and its per-expert loop
+        runners += [TransformersRunner(directory, dtype, experts)
+                    for dtype in args.moe_dtypes for experts in ("grouped_mm", "eager")]
         results = measure(runners, args.moe_batches, args.moe_new_tokens, args.rounds)
     print_table(f"random Qwen3-MoE, {params / 1e9:.2f}B parameters ({config['num_experts_per_tok']} of "
-                f"{config['num_experts']} experts active), {args.moe_dtype}, transformers' experts: {implementation}, "
-                f"{args.moe_new_tokens} new tokens, median of {args.rounds} rounds, {torch.get_num_threads()} threads",
-                results, runners, args.moe_batches)
+                f"{config['num_experts']} experts active), {args.moe_new_tokens} new tokens, median of {args.rounds} "
+                f"rounds, {torch.get_num_threads()} threads", results, runners, args.moe_batches)
 
 
 def main(argv: list[str] | None = None, moe_config: dict = MOE_CONFIG) -> None:
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None, moe_config: dict = MOE_CONFIG) -> None:
     parser.add_argument("--chitu-dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--moe-new-tokens", type=int, default=16)
     parser.add_argument("--moe-batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--moe-dtype", choices=list(SHORT_DTYPES), default="float32", help="both engines' dtype")
+    parser.add_argument("--moe-dtypes", nargs="+", choices=list(SHORT_DTYPES), default=["bfloat16", "float32"],
+                        help="the dtypes both engines run the MoE model in")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--moe-only", action="store_true", help="only the random Qwen3-MoE")
     only.add_argument("--no-moe", action="store_true", help="only SmolLM2")

@@ -34,24 +34,35 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor, first_expert: int) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held here, gate_up [E, 2I, H] and
-    down [E, H, I] being experts first_expert .. first_expert + E - 1; others contribute nothing."""
+    down [E, H, I] being experts first_expert .. first_expert + E - 1; others contribute nothing.
+
+    The (token, expert) pairs held here are sorted by expert, so each expert's rows are contiguous:
+    one grouped matmul per projection, then each pair's output lands in its slot and the slots sum."""
+    num_tokens, top_k = ids.shape
     num_local = gate_up.shape[0]
     local = ids.flatten() - first_expert
-    held = (local >= 0) & (local < num_local)
-    slots = held.nonzero().squeeze(1)  # positions in the flattened [T * top_k] routing
+    slots = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)  # positions in the [T * top_k] routing
     local = local[slots]
     order = local.argsort(stable=True)
-    slots, local = slots[order], local[order]
-    counts = torch.bincount(local, minlength=num_local).tolist()
-    tokens = slots // ids.shape[1]
-    routed_weights = weights.flatten()[slots]
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
+    slots = slots[order]
+    counts = torch.bincount(local, minlength=num_local)
+    out = torch.zeros(num_tokens * top_k, x.shape[1], dtype=x.dtype, device=x.device)
+    if slots.numel():
+        h = silu_and_mul(_grouped_linear(x[slots // top_k], gate_up, counts))
+        y = _grouped_linear(h, down, counts)
+        out[slots] = y * weights.flatten()[slots, None].to(x.dtype)
+    return out.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows for expert e, in order) times each expert's weights^T."""
+    out_features, in_features = weights.shape[1:]
+    aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
+    if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides
+        return torch._grouped_mm(x, weights.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    outputs, start = [], 0
+    for expert, count in enumerate(counts.tolist()):
         if count:
-            rows = tokens[start:start + count]
-            h = silu_and_mul(F.linear(x[rows], gate_up[expert]))
-            h = F.linear(h, down[expert]) * routed_weights[start:start + count, None].to(x.dtype)
-            out.index_add_(0, rows, h)
+            outputs.append(F.linear(x[start:start + count], weights[expert]))
             start += count
-    return out
+    return torch.cat(outputs)
