@@ -11,7 +11,7 @@ from chitu.checkpoint import CheckpointReader
 @runtime_checkable
 class LoadsWeights(Protocol):
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
-        """Fill this layer's parameters from the checkpoint tensors under `prefix` (its HF module path)."""
+        """Fill this layer's parameters from the checkpoint tensors under `prefix` (its module path, Chitu's tensor name)."""
 
 
 def copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
