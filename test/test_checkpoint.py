@@ -6,7 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import gguf
+
 import chitu.checkpoint.gguf
+import chitu.quant.gguf
 from chitu.checkpoint import CheckpointError, Shard, open_checkpoint
 
 TINY_LLAMA = dict(
@@ -52,6 +55,27 @@ def test_reads_every_tensor_as_saved(saved_llama):
             assert reader.shape(name) == tuple(expected.shape)
             assert torch.equal(reader.read(name, saved_llama.dtype), expected), name
             assert torch.equal(reader.read(name, torch.float32), expected.float()), name
+
+
+def test_read_raw_keeps_the_stored_dtype(tmp_path):
+    from safetensors.torch import save_file
+    fp8 = torch.randn(4, 6).to(torch.float8_e4m3fn)
+    save_file({"w": fp8, "w_scale_inv": torch.ones(1, 1)}, str(tmp_path / "model.safetensors"))
+    LlamaConfig(**TINY_LLAMA).save_pretrained(tmp_path)
+    with open_checkpoint(str(tmp_path)) as reader:
+        raw = reader.read_raw("w", Shard(0, 1, 2))
+        assert raw.data.dtype == torch.float8_e4m3fn and raw.qtype is None and raw.shard == Shard(0, 1, 2)
+        assert torch.equal(raw.data.view(torch.uint8), fp8[1:3].view(torch.uint8))
+
+
+def test_renames_map_chitu_names_to_the_checkpoint(saved_llama):
+    with open_checkpoint(saved_llama.path) as reader:
+        reader.use_renames(((r"\.mlp\.", ".ffn."), (r"\.ffn\.", ".mlp.")))  # applied in order: back to the original
+        name = "model.layers.1.mlp.up_proj.weight"
+        assert reader.has(name) and torch.equal(reader.read(name, saved_llama.dtype), saved_llama.state_dict[name])
+        reader.use_renames(((r"\.mlp\.", ".block_sparse_moe."),))
+        with pytest.raises(CheckpointError, match="'model.layers.1.block_sparse_moe.up_proj.weight' not found"):
+            reader.read(name, saved_llama.dtype)
 
 
 def test_sharded_save_is_really_sharded(saved_llama):
@@ -183,6 +207,15 @@ def test_gguf_shard_equals_slice_of_full_tensor(smollm2, name: str, shard: Shard
     full = smollm2.read(name, torch.float32)
     part = smollm2.read(name, torch.float32, shard=shard)
     assert torch.equal(part, full.narrow(shard.dim, shard.start, shard.length))
+
+
+def test_gguf_read_raw_is_whole_blocks_that_decode_to_read(smollm2):
+    name, shard = "model.layers.3.mlp.down_proj.weight", Shard(1, 40, 100)  # Q4_1: blocks of 32 values
+    raw = smollm2.read_raw(name, shard)
+    assert raw.qtype == "Q4_1" and raw.data.dtype == torch.uint8
+    assert raw.shard == Shard(1, 32, 128)  # widened to whole blocks
+    values = chitu.quant.gguf.dequantize(raw.data, gguf.GGMLQuantizationType.Q4_1, torch.float32)
+    assert torch.equal(values[:, 8:108], smollm2.read(name, torch.float32, shard=shard))
 
 
 def test_gguf_reads_requested_dtype(smollm2, smollm2_transformers):
