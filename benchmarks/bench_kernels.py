@@ -17,9 +17,10 @@ import triton
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.ops.torch_ref import activation as ref_activation
 from chitu.ops.torch_ref import attention as ref_attention
+from chitu.ops.torch_ref import moe as ref_moe
 from chitu.ops.torch_ref import norm as ref_norm
 from chitu.ops.torch_ref import rotary as ref_rotary
-from chitu.ops.triton import activation, attention, gemv, norm, rotary
+from chitu.ops.triton import activation, attention, fused_moe, gemv, norm, rotary
 
 DTYPE = torch.bfloat16
 TOKENS = 8192  # a large prefill step
@@ -121,13 +122,33 @@ def gemv_case(name: str, n: int, k: int) -> Case:
                 lambda: torch.nn.functional.linear(x, w), w.nbytes)
 
 
+def moe_case(name: str, tokens: int, experts: int, top_k: int, hidden: int, inter: int) -> Case:
+    """One MoE layer's routed experts (gate/up, SiLU, down, routing weights, top-k sum). Bytes: the
+    distinct experts this routing touches, read once, plus the activations."""
+    x = randn(tokens, hidden)
+    gate_up, down = randn(experts, 2 * inter, hidden) / hidden**0.5, randn(experts, hidden, inter) / inter**0.5
+    weights, ids = ref_moe.select_experts(randn(tokens, experts, dtype=torch.float32), top_k, "softmax", True,
+                                          None, 1, 1, 1.0)
+    touched = ids.unique().numel()
+    expert_bytes = (gate_up[0].nbytes + down[0].nbytes) * touched
+    return Case(f"fused MoE {name}", f"T={tokens} E={experts} k={top_k} H={hidden} I={inter}",
+                lambda: fused_moe.fused_experts(x, gate_up, down, weights, ids, 0),
+                lambda: ref_moe.fused_experts(x, gate_up, down, weights, ids, 0), expert_bytes + 2 * x.nbytes)
+
+
+def moe_cases() -> list[Case]:
+    shapes = {"Qwen3-30B-A3B": (128, 8, 2048, 768), "Mixtral-8x7B": (8, 2, 4096, 14336),
+              "DeepSeek-V3 tp8": (256, 8, 7168, 256)}
+    return [moe_case(name, tokens, *shape) for name, shape in shapes.items() for tokens in (1, 16, 64, 256)]
+
+
 def main() -> None:
     torch.manual_seed(0)
     copy = copy_gbps()
     cases = elementwise_cases() + [gemv_case("LM head", 128256, 4096), gemv_case("o_proj", 4096, 4096),
                                    gemv_case("down_proj", 4096, 14336)] + [decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768),
                                    decode_case(1, 8192), prefill_case([2048], [2048]),
-                                   prefill_case([512] * 4, [2048] * 4)]
+                                   prefill_case([512] * 4, [2048] * 4)] + moe_cases()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write)")
     print(f"{'kernel':<30} {'shape':<40} {'triton µs':>10} {'torch µs':>10} {'speedup':>8}  achieved")
     for case in cases:

@@ -11,12 +11,14 @@ if not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA device", allow_module_level=True)
 
 from chitu.ops import attention as attention_ops  # noqa: E402
+from chitu.ops import moe as moe_ops  # noqa: E402
 from chitu.ops.attention_metadata import AttentionMetadata  # noqa: E402
 from chitu.ops.torch_ref import activation as ref_activation  # noqa: E402
 from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
+from chitu.ops.torch_ref import moe as ref_moe  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, gemv, kv_store, norm, rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, norm, rotary  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16]
@@ -238,3 +240,62 @@ def test_store_kv_into_pages_of_strided_qkv(dtype, tokens, kv_heads, head_dim, b
     ref_attention.store_kv(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
     assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
+
+
+# ---- fused MoE
+
+def moe_case(tokens: int, experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
+             held: range | None = None):
+    held = held or range(experts)
+    x = randn(tokens, hidden, dtype=dtype)
+    gate_up = randn(len(held), 2 * inter, hidden, dtype=dtype) / hidden**0.5
+    down = randn(len(held), hidden, inter, dtype=dtype) / inter**0.5
+    logits = randn(tokens, experts, dtype=torch.float32)
+    weights, ids = ref_moe.select_experts(logits, top_k, "softmax", True, None, 1, 1, 1.0)
+    return x, gate_up, down, weights, ids, held.start
+
+
+def moe_fp32_reference(x, gate_up, down, weights, ids, first_expert):
+    return ref_moe.fused_experts(x.float(), gate_up.float(), down.float(), weights, ids, first_expert)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 64, 257, 4096])
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (60, 8), (128, 8), (256, 8)])
+def test_fused_moe(tokens, experts, top_k):
+    case = moe_case(tokens, experts, top_k, hidden=200, inter=96, dtype=torch.bfloat16)
+    assert_close(fused_moe.fused_experts(*case), moe_fp32_reference(*case), ATTENTION_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_holding_some_experts(dtype):
+    """Expert parallelism: this rank holds experts 5..16 of 24; slots routed elsewhere add nothing."""
+    case = moe_case(57, 24, 4, hidden=128, inter=80, dtype=dtype, held=range(5, 17))
+    assert_close(fused_moe.fused_experts(*case), moe_fp32_reference(*case), ATTENTION_TOL[dtype])
+
+
+def test_align_to_blocks_sorts_slots_into_whole_blocks_of_one_expert():
+    ids = torch.tensor([[3, 0], [0, 5], [3, 0], [1, 3]], device=DEVICE)
+    layout = fused_moe.align_to_blocks(ids, first_expert=0, num_local=4, block_m=4)  # expert 5 is not held
+    slots = layout.sorted_slots.tolist()
+    assert int(layout.num_padded) == 12  # experts 0, 1, 3: one block each
+    assert slots[:12] == [1, 2, 5, 8, 6, 8, 8, 8, 0, 4, 7, 8]  # 8 = num_slots: padding
+    assert layout.block_experts.tolist()[:3] == [0, 1, 3] and set(layout.block_experts.tolist()[3:]) == {-1}
+
+
+def test_fused_moe_cuda_graph_replay():
+    """Captured once, replayed with new tokens and a new routing: the same as eager."""
+    x, gate_up, down, weights, ids, _ = moe_case(16, 64, 8, hidden=256, inter=128, dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        moe_ops.fused_experts(x, gate_up, down, weights, ids, 0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe_ops.fused_experts(x, gate_up, down, weights, ids, 0)
+    for _ in range(2):
+        new = moe_case(16, 64, 8, hidden=256, inter=128, dtype=torch.bfloat16)
+        for buffer, value in zip((x, weights, ids), (new[0], new[3], new[4])):
+            buffer.copy_(value)
+        graph.replay()
+        assert torch.equal(captured, moe_ops.fused_experts(x, gate_up, down, weights, ids, 0))

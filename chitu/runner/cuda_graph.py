@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 def capturable(model: nn.Module) -> bool:
     """Whether the model's decode step can be captured: no module of it declares `capturable = False`
-    (the torch MoE reference reads its expert counts on the host)."""
+    (an MoE block on the torch reference reads its expert counts on the host)."""
     return all(getattr(m, "capturable", True) for m in model.modules())
 
 

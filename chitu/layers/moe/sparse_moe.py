@@ -15,11 +15,10 @@ from chitu.layers.context import ModelContext
 from chitu.layers.mlp import GatedMLP
 from chitu.layers.moe.experts import StackedExperts
 from chitu.layers.moe.router import Router, RouterOptions
+from chitu.ops import moe as moe_ops
 
 
 class SparseMoE(nn.Module):
-    capturable = False  # the torch expert computation groups tokens on the host (runner/cuda_graph.py)
-
     def __init__(self, ctx: ModelContext, prefix: str, num_experts: int, intermediate_size: int,
                  router: RouterOptions, shared_intermediate_size: int = 0):
         super().__init__()
@@ -28,6 +27,11 @@ class SparseMoE(nn.Module):
         self.experts = StackedExperts(ctx, f"{prefix}.experts", placement)
         self.shared_experts = (GatedMLP(ctx, f"{prefix}.shared_experts", shared_intermediate_size, reduce_results=False)
                                if shared_intermediate_size else None)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can capture this block (runner/cuda_graph.py): not on the torch reference."""
+        return moe_ops.capturable(self.experts.gate_up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
