@@ -3,7 +3,8 @@ tensor and pipeline parallelism: every layout must reproduce one process (dist_g
 `--case=sampling`), as test_distributed.py checks for the default sampling settings."""
 import pytest
 
-from test_distributed import SPLIT_DECODE, assert_same_generation, checkpoints, generate  # noqa: F401 (a fixture)
+from test_distributed import (SPLIT_DECODE, assert_same_generation, checkpoints, generate,  # noqa: F401 (a fixture)
+                              model_args)
 
 CASE = "--case=sampling"
 LAYOUTS = [
@@ -16,7 +17,8 @@ LAYOUTS = [
 @pytest.fixture(scope="module")
 def reference(checkpoints, tmp_path_factory) -> dict[str, list[dict]]:
     tmp = tmp_path_factory.mktemp("reference")
-    return {name: generate(tmp, 1, [CASE, f"models.ckpt_dir={path}"]) for name, path in checkpoints.items()}
+    models = {model for model, _, _ in LAYOUTS}
+    return {name: generate(tmp, 1, [CASE, *model_args(name, checkpoints[name])]) for name in models}
 
 
 def test_the_penalties_change_the_tokens(checkpoints, reference, tmp_path):
@@ -27,5 +29,5 @@ def test_the_penalties_change_the_tokens(checkpoints, reference, tmp_path):
 
 @pytest.mark.parametrize("model,nproc,layout", LAYOUTS, ids=[f"{m}-{o[0]}" for m, _, o in LAYOUTS])
 def test_parallel_layout_samples_like_one_process(model, nproc, layout, checkpoints, reference, tmp_path):
-    out = generate(tmp_path, nproc, [CASE, f"models.ckpt_dir={checkpoints[model]}", *layout])
+    out = generate(tmp_path, nproc, [CASE, *model_args(model, checkpoints[model]), *layout])
     assert_same_generation(out, reference[model])
