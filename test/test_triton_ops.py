@@ -18,7 +18,7 @@ from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
 from chitu.ops.torch_ref import moe as ref_moe  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, norm, rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, moe_config, norm, rotary  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16]
@@ -299,3 +299,18 @@ def test_fused_moe_cuda_graph_replay():
             buffer.copy_(value)
         graph.replay()
         assert torch.equal(captured, moe_ops.fused_experts(x, gate_up, down, weights, ids, 0))
+
+
+@pytest.mark.parametrize("tokens,experts,top_k,held,block_m", [
+    (1, 8, 2, range(8), 16), (3, 60, 8, range(60), 16), (64, 128, 8, range(128), 16), (128, 256, 8, range(256), 16),
+    (57, 24, 4, range(5, 17), 32), (7, 6, 2, range(5, 6), 16)])
+def test_align_kernel_equals_torch_alignment(tokens, experts, top_k, held, block_m):
+    _, ids = ref_moe.select_experts(randn(tokens, experts, dtype=torch.float32), top_k, "softmax", False, None, 1, 1, 1.0)
+    expected = fused_moe.align_to_blocks(ids, held.start, len(held), block_m)
+    actual = fused_moe.align_to_blocks_kernel(ids, held.start, len(held), block_m)
+    for field in ("sorted_slots", "block_experts", "num_padded"):
+        assert torch.equal(getattr(actual, field), getattr(expected, field)), field
+
+
+def test_untuned_moe_shape_falls_back_to_the_heuristic():
+    assert moe_config.config_for(torch.device(DEVICE), 7, 100, 64, 2, 5) == moe_config.default_config(10)

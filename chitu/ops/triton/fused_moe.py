@@ -16,24 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@dataclass(frozen=True)
-class BlockConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int
-    num_warps: int
-    num_stages: int
-
-
-def default_config(num_slots: int) -> BlockConfig:
-    """A heuristic for any shape: small row blocks while few slots land on each expert (decode)."""
-    if num_slots <= 64:
-        return BlockConfig(16, 64, 128, 1, 4, 4)
-    if num_slots <= 1024:
-        return BlockConfig(32, 64, 64, 8, 4, 4)
-    return BlockConfig(64, 128, 64, 8, 8, 3)
+from chitu.ops.triton.moe_config import BlockConfig, config_for
 
 
 @dataclass(frozen=True)
@@ -70,6 +53,57 @@ def align_to_blocks(ids: torch.Tensor, first_expert: int, num_local: int, block_
     block_experts = torch.searchsorted(ends, block_starts, right=True)
     block_experts = torch.where(block_experts < num_local, block_experts, -1).to(torch.int32)
     return BlockLayout(sorted_slots, block_experts, ends[-1:].to(torch.int32))
+
+
+MAX_KERNEL_SLOTS = 1024  # align_to_blocks runs as one Triton program up to this many slots (decode)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr, offsets_ptr,
+                  num_slots, first_expert, num_local, max_padded, num_blocks,
+                  BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    """align_to_blocks in one program: sort (expert, slot) keys, count each expert's slots, place them."""
+    slot = tl.arange(0, SLOTS)
+    in_range = slot < num_slots
+    local = tl.load(ids_ptr + slot, mask=in_range, other=0).to(tl.int32) - first_expert
+    expert = tl.where(in_range & (local >= 0) & (local < num_local), local, num_local)  # num_local: not held
+    sorted_keys = tl.sort(expert * SLOTS + slot)
+    sorted_expert, sorted_slot = sorted_keys // SLOTS, sorted_keys % SLOTS
+    counts = tl.histogram(expert, EXPERTS)
+    experts = tl.arange(0, EXPERTS)
+    padded = tl.where(experts < num_local, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)
+    # sorted position j of an expert's slot goes to j + (its run's padded start - its run's start)
+    tl.store(offsets_ptr + experts, ends - padded - (tl.cumsum(counts, 0) - counts))
+    for start in range(0, max_padded, SLOTS):
+        tl.store(sorted_slots_ptr + start + slot, num_slots, mask=start + slot < max_padded)
+    tl.debug_barrier()
+    held = sorted_expert < num_local
+    offset = tl.load(offsets_ptr + sorted_expert, mask=held, other=0)
+    tl.store(sorted_slots_ptr + slot + offset, sorted_slot, mask=held)
+    for start in range(0, num_blocks, CHUNK):
+        block = start + tl.arange(0, CHUNK)
+        past = (ends[None, :] <= (block * BLOCK_M)[:, None]) & (experts[None, :] < num_local)
+        owner = tl.sum(past.to(tl.int32), axis=1)  # the first expert whose run ends after the block starts
+        tl.store(block_experts_ptr + block, tl.where(owner < num_local, owner, -1), mask=block < num_blocks)
+    tl.store(num_padded_ptr, tl.sum(padded, 0))
+
+
+def align_to_blocks_kernel(ids: torch.Tensor, first_expert: int, num_local: int, block_m: int) -> BlockLayout:
+    """align_to_blocks in one launch, for at most MAX_KERNEL_SLOTS slots."""
+    num_slots = ids.numel()
+    max_padded = triton.cdiv(num_slots + num_local * (block_m - 1), block_m) * block_m
+    num_blocks = max_padded // block_m
+    device = ids.device
+    sorted_slots = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_experts = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    experts = triton.next_power_of_2(num_local + 1)
+    offsets = torch.empty(experts, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](ids.reshape(-1), sorted_slots, block_experts, num_padded, offsets, num_slots, first_expert,
+                        num_local, max_padded, num_blocks, BLOCK_M=block_m,
+                        SLOTS=triton.next_power_of_2(num_slots), EXPERTS=experts, CHUNK=64, num_warps=8)
+    return BlockLayout(sorted_slots, block_experts, num_padded)
 
 
 @triton.jit
@@ -146,9 +180,10 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] bf16/fp16 on CUDA."""
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
-    config = config or default_config(num_slots)
-    layout = align_to_blocks(ids, first_expert, gate_up.shape[0], config.block_m)
     inter = gate_up.shape[1] // 2
+    config = config or config_for(x.device, gate_up.shape[0], inter, x.shape[1], top_k, num_tokens)
+    align = align_to_blocks_kernel if num_slots <= MAX_KERNEL_SLOTS else align_to_blocks
+    layout = align(ids, first_expert, gate_up.shape[0], config.block_m)
     activated = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)
     _grouped_gemm(x, gate_up, activated, layout, num_slots, top_k, config, rows_are_tokens=True, gated=True,
                   routing=None)

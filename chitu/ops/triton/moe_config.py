@@ -1,0 +1,59 @@
+"""Launch configurations of the fused MoE kernels: tuned per GPU and shape (benchmarks/tune_moe.py writes
+them to moe_configs/<GPU name>.json), a heuristic for everything else."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("moe_configs")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(num_slots: int) -> BlockConfig:
+    """A heuristic for any shape: small row blocks while few slots land on each expert (decode)."""
+    if num_slots <= 64:
+        return BlockConfig(16, 64, 128, 1, 4, 4)
+    if num_slots <= 1024:
+        return BlockConfig(32, 64, 64, 8, 4, 4)
+    return BlockConfig(64, 128, 64, 8, 8, 3)
+
+
+def shape_key(num_experts: int, intermediate: int, hidden: int, top_k: int) -> str:
+    return f"E={num_experts},N={intermediate},K={hidden},topk={top_k}"
+
+
+@lru_cache(maxsize=None)
+def device_file(device_index: int) -> Path:
+    return CONFIG_DIR / f"{torch.cuda.get_device_name(device_index).replace(' ', '_')}.json"
+
+
+@lru_cache(maxsize=None)
+def _tuned(path: Path) -> dict[str, dict[int, BlockConfig]]:
+    if not path.is_file():
+        return {}
+    table = json.loads(path.read_text())
+    return {shape: {int(tokens): BlockConfig(**config) for tokens, config in by_tokens.items()}
+            for shape, by_tokens in table.items()}
+
+
+def config_for(device: torch.device, num_experts: int, intermediate: int, hidden: int, top_k: int,
+               num_tokens: int) -> BlockConfig:
+    """The tuned configuration of the nearest tuned token count for this GPU and shape, else the heuristic."""
+    by_tokens = _tuned(device_file(device.index or 0)).get(shape_key(num_experts, intermediate, hidden, top_k))
+    if not by_tokens:
+        return default_config(num_tokens * top_k)
+    nearest = min(by_tokens, key=lambda tuned: (abs(tuned - num_tokens), tuned))
+    return by_tokens[nearest]
