@@ -1,9 +1,10 @@
 """GPU speed of the whole engine on full-size shapes with random bf16 weights, beside the machine's own
 ceilings and transformers, all measured in this one run.
 
-    python benchmarks/bench_gpu.py [--quick]
+    python benchmarks/bench_gpu.py [--quick] [--moe [Qwen3-30B-A3B Mixtral-8x7B]]
 
-For Llama-3.1-8B and Qwen3-8B shapes: decode tokens/s at batch 1, 16, 64, 256 (128 prompt tokens,
+For Llama-3.1-8B and Qwen3-8B shapes (with --moe: Qwen3-30B-A3B and Mixtral-8x7B, against the
+active-parameter roofline at batch 1 and the all-weights roofline at larger batches): decode tokens/s at batch 1, 16, 64, 256 (128 prompt tokens,
 256 output tokens, EOS ignored; greedy, and with the default sampling settings: temperature 0.8,
 top-p 0.9, top-k 50), a 2048-token prefill, and the host time per decode step at
 batch 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate.
@@ -21,6 +22,7 @@ import transformers
 from chitu.config import compose_config
 from chitu.engine.engine import LLMEngine
 from chitu.engine.sampling_params import SamplingParams
+from chitu.layers.moe.experts import StackedExperts
 from chitu.models.registry import build_model
 
 SHAPES = {
@@ -33,6 +35,17 @@ SHAPES = {
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6, architectures=["Qwen3ForCausalLM"],
         tie_word_embeddings=False),
+}
+MOE_SHAPES = {  # name: (models.type, config)
+    "Qwen3-30B-A3B": ("hf-qwen-3-moe", transformers.Qwen3MoeConfig(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, vocab_size=151936, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        architectures=["Qwen3MoeForCausalLM"])),
+    "Mixtral-8x7B": ("hf-mixtral", transformers.MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, rms_norm_eps=1e-5,
+        sliding_window=None, architectures=["MixtralForCausalLM"])),
 }
 PROMPT, OUTPUT, PREFILL = 128, 256, 2048
 BATCHES = [1, 16, 64, 256]
@@ -67,10 +80,10 @@ def random_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch)).tolist()
 
 
-def chitu_engine(hf_config, max_batch: int) -> LLMEngine:
+def chitu_engine(hf_config, max_batch: int, model_type: str = "hf-llama") -> LLMEngine:
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = build_model(hf_config, "hf-llama", PREFILL + 64, torch.bfloat16)
+        model = build_model(hf_config, model_type, PREFILL + 64, torch.bfloat16)
     for p in model.parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
@@ -120,13 +133,21 @@ def prefill_flops(hf_config, params_without_embedding: int, tokens: int) -> floa
     return 2 * params_without_embedding * tokens + attention
 
 
-def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict) -> dict:
-    engine = chitu_engine(hf_config, max(batches))
+def inactive_expert_params(model: torch.nn.Module, top_k: int) -> int:
+    """Parameters of the experts one token does not touch: all but top_k of every MoE layer's."""
+    stacks = [m for m in model.modules() if isinstance(m, StackedExperts)]
+    return sum((s.gate_up.weight.shape[0] - top_k) * (s.gate_up.weight[0].numel() + s.down.weight[0].numel())
+               for s in stacks)
+
+
+def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict, model_type: str = "hf-llama") -> dict:
+    engine = chitu_engine(hf_config, max(batches), model_type)
     model = engine.worker.runner.model
     total_params = sum(p.numel() for p in model.parameters())
-    body_params = total_params - model.model.embed_tokens.weight.numel()
+    active_params = total_params - inactive_expert_params(model, getattr(hf_config, "num_experts_per_tok", 0))
+    body_params = active_params - model.model.embed_tokens.weight.numel()
     chitu_decode(engine, 2)  # warm-up: compiles the prefill kernels
-    row = {"params_B": total_params / 1e9}
+    row = {"params_B": total_params / 1e9, "active_B": active_params / 1e9}
     for batch in batches:
         row[f"b{batch}"], row[f"b{batch}_step_ms"] = chitu_decode(engine, batch)
         row[f"b{batch}_step_ms"] *= 1e3
@@ -134,7 +155,8 @@ def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict) -> dic
     chitu_prefill(engine)
     row["prefill_s"] = min(chitu_prefill(engine) for _ in range(3))
     row["prefill_tflops"] = prefill_flops(hf_config, body_params, PREFILL) / row["prefill_s"] / 1e12
-    row["roofline_b1"] = ceilings["copy"] / (total_params * 2)
+    row["roofline_b1"] = ceilings["copy"] / (active_params * 2)  # the bytes one token reads
+    row["roofline_all_weights"] = ceilings["copy"] / (total_params * 2)  # steps/s when every weight is read
     row["graph_ms"] = graph_replay_seconds(engine) * 1e3
     row["host_ms"] = row["b1_step_ms"] - row["graph_ms"]
     del engine, model
@@ -173,10 +195,44 @@ def bench_transformers(hf_config, batches: list[int], quick: bool) -> dict:
     return row
 
 
+def print_moe(name: str, row: dict, hf: dict, batches: list[int]) -> None:
+    print(f"\n{'engine / shape':28}" + "".join(f"{'b' + str(b) + ' tok/s':>13}" for b in batches)
+          + f"{'prefill 2k s':>14}{'step b1 ms':>12}")
+    print(f"{'chitu ' + name:28}" + "".join(f"{row[f'b{b}']:>13.1f}" for b in batches)
+          + f"{row['prefill_s']:>14.4f}{row['b1_step_ms']:>12.2f}")
+    print(f"{'  sampled (T=0.8 p=0.9 k=50)':28}" + "".join(f"{row[f'b{b}_sampled']:>13.1f}" for b in batches))
+    print(f"{'transformers ' + name:28}" + "".join(f"{hf[f'b{b}']:>13.1f}" if f"b{b}" in hf else f"{'-':>13}"
+                                                 for b in batches))
+    print(f"{name}: {row['params_B']:.2f}B parameters, {row['active_B']:.2f}B active per token; batch 1 "
+          f"{row['b1']:.1f} tok/s = {row['b1'] / row['roofline_b1']:.1%} of the active-parameter roofline "
+          f"({row['roofline_b1']:.0f} tok/s)")
+    for b in batches[1:]:  # batch 1 reads only the active parameters
+        line = f"  batch {b}: {row[f'b{b}'] / (b * row['roofline_all_weights']):.1%} of the all-weights roofline"
+        if f"b{b}" in hf:
+            line += f", {row[f'b{b}'] / hf[f'b{b}']:.2f}x transformers"
+        print(line)
+
+
+def run_moe(batches: list[int], ceilings: dict, shapes: list[str]) -> None:
+    for name in shapes:
+        model_type, config = MOE_SHAPES[name]
+        row = bench_chitu(name, config, batches, ceilings, model_type)
+        print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
+        hf = bench_transformers(config, [b for b in batches if b in (16, 64)], quick=True)
+        print_moe(name, row, hf, batches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one shape, batches 1 and 64")
+    parser.add_argument("--moe", nargs="*", choices=list(MOE_SHAPES), default=None,
+                        help="the MoE shapes instead of the dense ones (all when none is named)")
     args = parser.parse_args()
+    if args.moe is not None:
+        ceilings = {"copy": copy_bandwidth(), "matmul": matmul_rate()}
+        print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy'] / 1e12:.2f} TB/s", flush=True)
+        run_moe([1, 16, 64] if args.quick else BATCHES, ceilings, args.moe or list(MOE_SHAPES))
+        return
     batches = [1, 64] if args.quick else BATCHES
     ceilings = {"copy": copy_bandwidth(), "matmul": matmul_rate()}
     print(f"{torch.cuda.get_device_name()}: copy {ceilings['copy'] / 1e12:.2f} TB/s, "
