@@ -31,3 +31,15 @@ def test_the_penalties_change_the_tokens(checkpoints, reference, tmp_path):
 def test_parallel_layout_samples_like_one_process(model, nproc, layout, checkpoints, reference, tmp_path):
     out = generate(tmp_path, nproc, [CASE, *model_args(model, checkpoints[model]), *layout])
     assert_same_generation(out, reference[model])
+
+
+@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["infer.pp_size=2", *SPLIT_DECODE]), (2, ["infer.tp_size=2"])],
+                         ids=["one-process", "pp=2", "tp=2"])
+def test_a_sampling_failure_costs_only_its_request(nproc, layout, checkpoints, tmp_path):
+    """The sampling rank fails every step that samples for the first request (under pp=2 that rank is not
+    rank 0 and reports the failure to it): that request fails alone, the others finish as they do without it."""
+    model = model_args("llama", checkpoints["llama"])
+    alone = generate(tmp_path, 1, model)
+    out = generate(tmp_path, nproc, ["--case=sampling-fails", *model, *layout])
+    assert [r["failed"] for r in out] == [True, False, False, False]
+    assert_same_generation(out[1:], alone[1:])

@@ -43,7 +43,7 @@ def tp_all_gather(x: torch.Tensor) -> torch.Tensor:
     rows, cols = x.shape
     gathered = torch.empty((state.tp_size * rows, cols), dtype=x.dtype, device=x.device)
     _all_gather_single(gathered, x.contiguous(), group=state.tp_group)
-    return gathered.view(state.tp_size, rows, cols).permute(1, 0, 2).reshape(rows, -1)
+    return gathered.view(state.tp_size, rows, cols).permute(1, 0, 2).reshape(rows, state.tp_size * cols)
 
 
 class Mailbox:

@@ -100,6 +100,8 @@ class ModelRunner:
         if not state.is_last_stage:
             self.mailbox.send_tensors(list(out), state.stage_peer(state.pp_rank + 1))
             return None
+        if not plan.sampling_rows:  # a prefill chunk that ends no prompt: no logits on any rank
+            return None
         return self.model.compute_logits(out[meta.query_start_loc[1:][plan.sampling_rows] - 1])
 
     def _metadata(self, plan: StepPlan) -> AttentionMetadata:
