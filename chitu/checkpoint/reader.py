@@ -44,7 +44,7 @@ class CheckpointReader(ABC):
 
     path: str
     _index: dict  # checkpoint name -> where the reader finds that tensor
-    _renames: list[tuple[re.Pattern, str]] = []
+    _renames: tuple[tuple[re.Pattern, str], ...] = ()
 
     def names(self) -> list[str]:
         """The checkpoint's tensor names, e.g. "model.layers.0.self_attn.q_proj.weight"."""
@@ -56,7 +56,7 @@ class CheckpointReader(ABC):
     def use_renames(self, renames: tuple[tuple[str, str], ...]) -> None:
         """Map Chitu's names to this checkpoint's by (pattern, replacement) regexes, applied in order:
         an architecture's HF spelling of its tensors (registry.Architecture.hf_renames)."""
-        self._renames = [(re.compile(pattern), replacement) for pattern, replacement in renames]
+        self._renames = tuple((re.compile(pattern), replacement) for pattern, replacement in renames)
 
     def checkpoint_name(self, name: str) -> str:
         for pattern, replacement in self._renames:

@@ -2,6 +2,8 @@
 expert (tokens are grouped by expert with a sort, never looped over)."""
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
@@ -45,24 +47,35 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     local = local[slots]
     order = local.argsort(stable=True)
     slots = slots[order]
-    counts = torch.bincount(local, minlength=num_local)
+    groups = _ExpertGroups(torch.bincount(local, minlength=num_local))
     out = torch.zeros(num_tokens * top_k, x.shape[1], dtype=x.dtype, device=x.device)
     if slots.numel():
-        h = silu_and_mul(_grouped_linear(x[slots // top_k], gate_up, counts))
-        y = _grouped_linear(h, down, counts)
+        h = silu_and_mul(groups.linear(x[slots // top_k], gate_up))
+        y = groups.linear(h, down)
         out[slots] = y * weights.flatten()[slots, None].to(x.dtype)
     return out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def _grouped_linear(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by expert (counts[e] rows for expert e, in order) times each expert's weights^T."""
-    out_features, in_features = weights.shape[1:]
-    aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
-    if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides
-        return torch._grouped_mm(x, weights.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
-    outputs, start = [], 0
-    for expert, count in enumerate(counts.tolist()):
-        if count:
-            outputs.append(F.linear(x[start:start + count], weights[expert]))
-            start += count
-    return torch.cat(outputs)
+class _ExpertGroups:
+    """Rows grouped by expert, counts[e] rows for expert e in order; the offsets or the sizes (a host
+    sync) are computed once for both projections."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts
+
+    @cached_property
+    def offsets(self) -> torch.Tensor:
+        return self.counts.cumsum(0).to(torch.int32)
+
+    @cached_property
+    def sizes(self) -> list[int]:
+        return self.counts.tolist()
+
+    def linear(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each group's rows of x times its expert's weights^T."""
+        out_features, in_features = weights.shape[1:]
+        aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
+        if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides
+            return torch._grouped_mm(x, weights.transpose(1, 2), offs=self.offsets)
+        rows = x.split(self.sizes)
+        return torch.cat([F.linear(r, weights[e]) for e, r in enumerate(rows) if r.shape[0]])

@@ -41,8 +41,8 @@ def align_to_blocks(ids: torch.Tensor, first_expert: int, num_local: int, block_
     order = local.argsort(stable=True)
     expert_of_sorted = local[order]
     held = expert_of_sorted < num_local
-    rank_in_run = torch.arange(num_slots, device=ids.device) - run_starts[expert_of_sorted.clamp(max=num_local - 1)]
-    position = torch.where(held, starts[expert_of_sorted.clamp(max=num_local - 1)] + rank_in_run, 0)
+    run = expert_of_sorted.clamp(max=num_local - 1)  # any valid index for the slots not held
+    position = torch.where(held, starts[run] + torch.arange(num_slots, device=ids.device) - run_starts[run], 0)
     max_padded = num_slots + num_local * (block_m - 1)
     max_padded = (max_padded + block_m - 1) // block_m * block_m
     # one spare entry past the end takes the slots not held here
