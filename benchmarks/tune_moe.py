@@ -2,7 +2,7 @@
 intermediate size per rank, hidden size, top-k) and token count, time every candidate configuration
 and keep the fastest in chitu/ops/triton/moe_configs/<GPU name>.json, which fused_experts reads.
 
-    python benchmarks/tune_moe.py [--out DIR] [--shapes Qwen3-30B-A3B ...] [--tp 1 2 4 8]
+    python benchmarks/tune_moe.py [--out DIR] [--shapes Qwen3-30B-A3B ...] [--tp 1 2 4 8] [--tokens 1 2 ...]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import triton
 
 from chitu.ops.torch_ref import moe as ref_moe
 from chitu.ops.triton import fused_moe
-from chitu.ops.triton.moe_config import CONFIG_DIR, BlockConfig, default_config, shape_key
+from chitu.ops.triton.moe_config import CONFIG_DIR, BlockConfig, GemvConfig, MoEConfig, default_config, shape_key
 
 # (experts, intermediate, hidden, top-k) of the full models; tensor parallelism slices the intermediate size
 MODELS = {"Qwen3-30B-A3B": (128, 768, 2048, 8), "Qwen3-235B-A22B": (128, 1536, 4096, 8),
@@ -27,9 +27,12 @@ TILES = [(32, 128), (32, 256), (64, 64), (64, 128), (64, 256), (128, 64), (128, 
 CANDIDATES = [BlockConfig(m, n, k, 1 if m == 16 else 8, w, s)
               for m, (n, k), (w, s) in itertools.product([16, 32, 64, 128], TILES, [(4, 3), (4, 4), (8, 3)])
               if not (m >= 64 and k == 256)]
+GEMV_TOKENS = 16  # the few-token GEMV path is a candidate up to this many tokens
+GEMV_CANDIDATES = [GemvConfig(up, down, k, w) for (up, down), k, w in itertools.product(
+    [(8, 8), (16, 16), (32, 32), (8, 16), (16, 8), (16, 32), (32, 16)], [128, 256, 512], [4, 8])]
 
 
-def time_config(inputs, config: BlockConfig) -> float:
+def time_config(inputs, config: MoEConfig) -> float:
     """Milliseconds of GPU time, replayed from a CUDA graph as decode runs it (no launch overhead)."""
     try:
         fused_moe.fused_experts(*inputs, config=config)  # compiles outside the capture
@@ -41,23 +44,24 @@ def time_config(inputs, config: BlockConfig) -> float:
         return float("inf")
 
 
-def candidates_for(slots_per_expert: float) -> list[BlockConfig]:
+def candidates_for(tokens: int, slots_per_expert: float) -> list[MoEConfig]:
     """Row blocks far larger than an expert's share of the slots only pad: skip them."""
-    return [c for c in CANDIDATES if c.block_m <= max(16, 2 * triton.next_power_of_2(int(slots_per_expert)))]
+    blocks = [c for c in CANDIDATES if c.block_m <= max(16, 2 * triton.next_power_of_2(int(slots_per_expert)))]
+    return (GEMV_CANDIDATES if tokens <= GEMV_TOKENS else []) + blocks
 
 
-def tune_shape(experts: int, inter: int, hidden: int, top_k: int) -> dict[str, dict]:
+def tune_shape(experts: int, inter: int, hidden: int, top_k: int, token_counts: list[int]) -> dict[str, dict]:
     gate_up = torch.randn(experts, 2 * inter, hidden, dtype=torch.bfloat16, device="cuda") / hidden**0.5
     down = torch.randn(experts, hidden, inter, dtype=torch.bfloat16, device="cuda") / inter**0.5
     best = {}
-    for tokens in TOKENS:
+    for tokens in token_counts:
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
         weights, ids = ref_moe.select_experts(torch.randn(tokens, experts, device="cuda"), top_k, "softmax", True,
                                               None, 1, 1, 1.0)
         inputs = (x, gate_up, down, weights, ids, 0)
-        timed = {c: time_config(inputs, c) for c in candidates_for(tokens * top_k / experts)}
+        timed = {c: time_config(inputs, c) for c in candidates_for(tokens, tokens * top_k / experts)}
         winner = min(timed, key=timed.get)
-        baseline = time_config(inputs, default_config(tokens * top_k))
+        baseline = time_config(inputs, default_config(tokens * top_k, tokens))
         print(f"  T={tokens:5d}: {timed[winner] * 1e3:8.1f} us with {winner} (heuristic {baseline * 1e3:.1f} us)",
               flush=True)
         best[str(tokens)] = winner.__dict__
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=CONFIG_DIR)
     parser.add_argument("--shapes", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="the token counts to tune")
     args = parser.parse_args()
     path = args.out / f"{torch.cuda.get_device_name().replace(' ', '_')}.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
@@ -76,7 +81,8 @@ def main() -> None:
         experts, inter, hidden, top_k = MODELS[name]
         for tp in args.tp:
             print(f"{name} tp={tp}: E={experts} N={inter // tp} K={hidden} top-k={top_k}", flush=True)
-            table[shape_key(experts, inter // tp, hidden, top_k)] = tune_shape(experts, inter // tp, hidden, top_k)
+            tuned = tune_shape(experts, inter // tp, hidden, top_k, args.tokens)
+            table.setdefault(shape_key(experts, inter // tp, hidden, top_k), {}).update(tuned)
             args.out.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {path}")

@@ -18,7 +18,7 @@ from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
 from chitu.ops.torch_ref import moe as ref_moe  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, moe_config, norm, rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, moe_config, moe_routing, norm, rotary  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16]
@@ -259,18 +259,44 @@ def moe_fp32_reference(x, gate_up, down, weights, ids, first_expert):
     return ref_moe.fused_experts(x.float(), gate_up.float(), down.float(), weights, ids, first_expert)
 
 
+# both paths at every size: the tensor-core blocks (heuristic tiles) and the few-token GEMVs
+MOE_PATHS = {"blocks": lambda tokens, top_k: moe_config.default_config(tokens * top_k),
+             "gemv": lambda tokens, top_k: moe_config.GemvConfig(16, 8, 128, 4)}
+
+
+@pytest.mark.parametrize("path", MOE_PATHS)
 @pytest.mark.parametrize("tokens", [1, 3, 64, 257, 4096])
 @pytest.mark.parametrize("experts,top_k", [(8, 2), (60, 8), (128, 8), (256, 8)])
-def test_fused_moe(tokens, experts, top_k):
+def test_fused_moe(tokens, experts, top_k, path):
     case = moe_case(tokens, experts, top_k, hidden=200, inter=96, dtype=torch.bfloat16)
-    assert_close(fused_moe.fused_experts(*case), moe_fp32_reference(*case), ATTENTION_TOL[torch.bfloat16])
+    actual = fused_moe.fused_experts(*case, config=MOE_PATHS[path](tokens, top_k))
+    assert_close(actual, moe_fp32_reference(*case), ATTENTION_TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("path", MOE_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_moe_holding_some_experts(dtype):
+def test_fused_moe_holding_some_experts(dtype, path):
     """Expert parallelism: this rank holds experts 5..16 of 24; slots routed elsewhere add nothing."""
     case = moe_case(57, 24, 4, hidden=128, inter=80, dtype=dtype, held=range(5, 17))
-    assert_close(fused_moe.fused_experts(*case), moe_fp32_reference(*case), ATTENTION_TOL[dtype])
+    actual = fused_moe.fused_experts(*case, config=MOE_PATHS[path](57, 4))
+    assert_close(actual, moe_fp32_reference(*case), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 64, 257])
+@pytest.mark.parametrize("experts,top_k,scoring,renormalize,bias,groups,top_groups,scaling", [
+    (8, 2, "softmax", True, False, 1, 1, 1.0), (60, 8, "softmax", False, False, 1, 1, 1.0),
+    (128, 8, "softmax", True, False, 1, 1, 1.0), (160, 8, "sigmoid", True, True, 1, 1, 2.5),
+    (256, 8, "sigmoid", True, True, 8, 4, 2.5), (64, 6, "softmax", False, False, 8, 3, 16.0)])
+def test_select_experts_kernel(tokens, experts, top_k, scoring, renormalize, bias, groups, top_groups, scaling):
+    logits = randn(tokens, experts, dtype=torch.float32)
+    correction = randn(experts, dtype=torch.float32) / 10 if bias else None
+    args = (top_k, scoring, renormalize, correction, groups, top_groups, scaling)
+    weights, ids = moe_routing.select_experts(logits, *args)
+    expected_weights, expected_ids = ref_moe.select_experts(logits, *args)
+    order, expected_order = ids.sort(dim=1), expected_ids.sort(dim=1)  # the same experts, in any order
+    assert torch.equal(order.values, expected_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), expected_weights.gather(1, expected_order.indices),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_align_to_blocks_sorts_slots_into_whole_blocks_of_one_expert():
@@ -282,9 +308,10 @@ def test_align_to_blocks_sorts_slots_into_whole_blocks_of_one_expert():
     assert layout.block_experts.tolist()[:3] == [0, 1, 3] and set(layout.block_experts.tolist()[3:]) == {-1}
 
 
-def test_fused_moe_cuda_graph_replay():
+@pytest.mark.parametrize("tokens", [1, 16])  # the GEMV path by default, then tensor-core blocks
+def test_fused_moe_cuda_graph_replay(tokens):
     """Captured once, replayed with new tokens and a new routing: the same as eager."""
-    x, gate_up, down, weights, ids, _ = moe_case(16, 64, 8, hidden=256, inter=128, dtype=torch.bfloat16)
+    x, gate_up, down, weights, ids, _ = moe_case(tokens, 64, 8, hidden=256, inter=128, dtype=torch.bfloat16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -294,7 +321,7 @@ def test_fused_moe_cuda_graph_replay():
     with torch.cuda.graph(graph):
         captured = moe_ops.fused_experts(x, gate_up, down, weights, ids, 0)
     for _ in range(2):
-        new = moe_case(16, 64, 8, hidden=256, inter=128, dtype=torch.bfloat16)
+        new = moe_case(tokens, 64, 8, hidden=256, inter=128, dtype=torch.bfloat16)
         for buffer, value in zip((x, weights, ids), (new[0], new[3], new[4])):
             buffer.copy_(value)
         graph.replay()
@@ -313,4 +340,4 @@ def test_align_kernel_equals_torch_alignment(tokens, experts, top_k, held, block
 
 
 def test_untuned_moe_shape_falls_back_to_the_heuristic():
-    assert moe_config.config_for(torch.device(DEVICE), 7, 100, 64, 2, 5) == moe_config.default_config(10)
+    assert moe_config.config_for(torch.device(DEVICE), 7, 100, 64, 2, 5) == moe_config.default_config(10, 5)

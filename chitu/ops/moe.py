@@ -3,10 +3,10 @@ import torch
 
 from chitu.ops import triton as triton_ops
 from chitu.ops.torch_ref import moe as ref
-from chitu.ops.torch_ref.moe import select_experts
 
 if triton_ops.AVAILABLE:
     from chitu.ops.triton import fused_moe as kernels
+    from chitu.ops.triton import moe_routing
 
 __all__ = ["capturable", "fused_experts", "select_experts"]
 
@@ -20,6 +20,17 @@ def capturable(expert_weights: torch.Tensor) -> bool:
     """Whether the experts' computation can be captured in a CUDA graph: the Triton path never waits for
     the host, the torch reference reads its expert counts there."""
     return _on_kernels(expert_weights)
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+                   correction_bias: torch.Tensor | None, num_groups: int, top_groups: int,
+                   scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, top_k] float32, expert ids [T, top_k] int64) from float32 router logits (see torch_ref.moe)."""
+    if triton_ops.enabled(router_logits) and router_logits.stride(1) == 1:
+        return moe_routing.select_experts(router_logits, top_k, scoring, renormalize, correction_bias, num_groups,
+                                          top_groups, scaling_factor)
+    return ref.select_experts(router_logits, top_k, scoring, renormalize, correction_bias, num_groups, top_groups,
+                              scaling_factor)
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,

@@ -6,7 +6,8 @@ of BLOCK_M sorted slots belongs to one expert. The first GEMM multiplies each sl
 expert's gate and up rows at once and stores silu(gate) * up; the second multiplies that by the
 expert's down projection and the slot's routing weight. Summing each token's top_k slots gives the
 output. The layout of the slots, the launch configuration and the sizes padded on the device are
-all fixed by the token count, so a captured graph replays them for any routing.
+all fixed by the token count, so a captured graph replays them for any routing. A few tokens take
+the GEMV path of moe_gemv.py instead, where their configuration (moe_config.py) says so.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from chitu.ops.triton.moe_config import BlockConfig, config_for
+from chitu.ops.triton import moe_gemv
+from chitu.ops.triton.moe_config import BlockConfig, GemvConfig, MoEConfig, config_for
 
 
 @dataclass(frozen=True)
@@ -176,12 +178,14 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, layout: B
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, first_expert: int, config: BlockConfig | None = None) -> torch.Tensor:
+                  ids: torch.Tensor, first_expert: int, config: MoEConfig | None = None) -> torch.Tensor:
     """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] bf16/fp16 on CUDA."""
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
     inter = gate_up.shape[1] // 2
     config = config or config_for(x.device, gate_up.shape[0], inter, x.shape[1], top_k, num_tokens)
+    if isinstance(config, GemvConfig):
+        return moe_gemv.fused_experts(x, gate_up, down, weights, ids, first_expert, config)
     align = align_to_blocks_kernel if num_slots <= MAX_KERNEL_SLOTS else align_to_blocks
     layout = align(ids, first_expert, gate_up.shape[0], config.block_m)
     activated = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)

@@ -1,5 +1,6 @@
 """Launch configurations of the fused MoE kernels: tuned per GPU and shape (benchmarks/tune_moe.py writes
-them to moe_configs/<GPU name>.json), a heuristic for everything else."""
+them to moe_configs/<GPU name>.json), a heuristic for everything else. A BlockConfig runs the
+tensor-core path (fused_moe.py), a GemvConfig the few-token path (moe_gemv.py)."""
 from __future__ import annotations
 
 import json
@@ -22,8 +23,22 @@ class BlockConfig:
     num_stages: int
 
 
-def default_config(num_slots: int) -> BlockConfig:
-    """A heuristic for any shape: small row blocks while few slots land on each expert (decode)."""
+@dataclass(frozen=True)
+class GemvConfig:
+    up_block_n: int    # gate/up columns per program of the first kernel
+    down_block_n: int  # output columns per program of the second
+    block_k: int
+    num_warps: int
+
+
+MoEConfig = BlockConfig | GemvConfig
+
+
+def default_config(num_slots: int, num_tokens: int = 0) -> MoEConfig:
+    """A heuristic for any shape: GEMVs for one or two tokens, then small row blocks while few slots land
+    on each expert (decode)."""
+    if 0 < num_tokens <= 2:
+        return GemvConfig(16, 16, 256, 4)
     if num_slots <= 64:
         return BlockConfig(16, 64, 128, 1, 4, 4)
     if num_slots <= 1024:
@@ -41,19 +56,23 @@ def device_file(device_index: int) -> Path:
 
 
 @lru_cache(maxsize=None)
-def _tuned(path: Path) -> dict[str, dict[int, BlockConfig]]:
+def _tuned(path: Path) -> dict[str, dict[int, MoEConfig]]:
     if not path.is_file():
         return {}
     table = json.loads(path.read_text())
-    return {shape: {int(tokens): BlockConfig(**config) for tokens, config in by_tokens.items()}
+    return {shape: {int(tokens): parse_config(config) for tokens, config in by_tokens.items()}
             for shape, by_tokens in table.items()}
 
 
+def parse_config(fields: dict) -> MoEConfig:
+    return GemvConfig(**fields) if "up_block_n" in fields else BlockConfig(**fields)
+
+
 def config_for(device: torch.device, num_experts: int, intermediate: int, hidden: int, top_k: int,
-               num_tokens: int) -> BlockConfig:
+               num_tokens: int) -> MoEConfig:
     """The tuned configuration of the nearest tuned token count for this GPU and shape, else the heuristic."""
     by_tokens = _tuned(device_file(device.index or 0)).get(shape_key(num_experts, intermediate, hidden, top_k))
     if not by_tokens:
-        return default_config(num_tokens * top_k)
+        return default_config(num_tokens * top_k, num_tokens)
     nearest = min(by_tokens, key=lambda tuned: (abs(tuned - num_tokens), tuned))
     return by_tokens[nearest]
