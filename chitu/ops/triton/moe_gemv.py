@@ -4,8 +4,8 @@ With a handful of slots nearly every slot has an expert of its own, so the tenso
 fused_moe.py spends more time aligning slots into blocks, clearing its output and summing the top-k
 than in its GEMMs. Here each program of the first kernel reads one slot's expert's gate and up rows
 for a band of columns and stores silu(gate) * up; each program of the second reads, for one token
-and a band of output columns, the down rows of all its top-k experts and sums them with the routing
-weights. Three launches fewer, no host sync, and the weights stream as in a dense GEMV.
+and a band of output columns, the down rows of all its top-k experts at once and sums them with the
+routing weights. Three launches fewer, no host sync, and the weights stream as in a dense GEMV.
 """
 from __future__ import annotations
 
@@ -49,31 +49,38 @@ def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, n
 
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, top_k, first_expert, num_local,
-                 stride_am, stride_we, stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[t, n] = sum_j routing[t, j] * (a[slot t*top_k + j] . W_down[expert of the slot][n]), a band of n."""
+                 stride_am, stride_we, stride_wn, stride_om,
+                 BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, n] = sum_j routing[t, j] * (a[slot t*top_k + j] . W_down[expert of the slot][n]), a band of n.
+    The top-k experts' rows are read in one [BLOCK_J, BLOCK_N, BLOCK_K] tile, so that enough bytes are in
+    flight per program."""
     token = tl.program_id(0)
+    offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    slots = token * top_k + offs_j
+    experts = tl.load(ids_ptr + slots, mask=offs_j < top_k, other=-1).to(tl.int64) - first_expert
+    held = (offs_j < top_k) & (experts >= 0) & (experts < num_local)
+    experts = tl.where(held, experts, 0)
+    a_ptrs = a_ptr + slots[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = (w_ptr + experts[:, None, None] * stride_we + offs_n[None, :, None].to(tl.int64) * stride_wn
+              + offs_k[None, None, :])
+    rows_mask = held[:, None, None] & n_mask[None, :, None]
+    acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=held[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=rows_mask & k_mask[None, None, :], other=0.0).to(tl.float32)
+        acc += w * a[:, None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     dtype = out_ptr.dtype.element_ty
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(0, top_k):
-        slot = token * top_k + j
-        expert = tl.load(ids_ptr + slot).to(tl.int64) - first_expert
-        held = (expert >= 0) & (expert < num_local)
-        expert = tl.where(held, expert, 0)
-        a_ptrs = a_ptr + slot * stride_am + offs_k
-        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (offs_k < K - k0) & held
-            a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            acc += tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32) * a[None, :]
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        weight = tl.load(routing_ptr + slot, mask=held, other=0.0)
-        total += (tl.sum(acc, axis=1).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-    tl.store(out_ptr + token * stride_om + offs_n, total.to(dtype), mask=n_mask)
+    # each expert's output rounded, then weighted and rounded, as the torch reference does before its sum
+    y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)
+    routing = tl.load(routing_ptr + slots, mask=held, other=0.0)
+    terms = (y * routing[:, None]).to(dtype).to(tl.float32)
+    tl.store(out_ptr + token * stride_om + offs_n, tl.sum(terms, axis=0).to(dtype), mask=n_mask)
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
@@ -91,6 +98,6 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_tokens, triton.cdiv(hidden, config.down_block_n))](
         activated, down, ids, weights.reshape(-1).float(), out, hidden, inter, top_k, first_expert, num_local,
-        activated.stride(0), down.stride(0), down.stride(1), out.stride(0),
+        activated.stride(0), down.stride(0), down.stride(1), out.stride(0), BLOCK_J=triton.next_power_of_2(top_k),
         BLOCK_N=config.down_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
     return out
