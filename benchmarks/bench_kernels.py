@@ -1,6 +1,6 @@
 """Each Triton kernel against its torch reference at realistic shapes (bf16, one CUDA GPU).
 
-    python benchmarks/bench_kernels.py
+    python benchmarks/bench_kernels.py [--only gemv rotary ...]
 
 Times are medians of triton.testing.do_bench (which flushes L2 between runs). GB/s counts each input
 read once and each output written once, set beside the bandwidth of a large device-to-device copy
@@ -8,6 +8,7 @@ measured in the same run (bytes read + written); prefill attention reports TFLOP
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 import triton
 
 from chitu.ops.attention_metadata import AttentionMetadata
+from chitu.ops import linear as linear_ops
 from chitu.ops.torch_ref import activation as ref_activation
 from chitu.ops.torch_ref import attention as ref_attention
 from chitu.ops.torch_ref import moe as ref_moe
@@ -61,6 +63,8 @@ def elementwise_cases() -> list[Case]:
     cos, sin = angles.cos(), angles.sin()
     cos_half, sin_half = cos[:, : HEAD_DIM // 4].contiguous(), sin[:, : HEAD_DIM // 4].contiguous()
     gate_up = randn(TOKENS, 2 * INTERMEDIATE)
+    qk = qkv[:, : (HEADS + KV_HEADS) * HEAD_DIM].view(TOKENS, HEADS + KV_HEADS, HEAD_DIM)
+    qk_norm = (head_weight, randn(HEAD_DIM), HEADS, 1e-6)
     act = x.nbytes
     q_bytes = q.numel() * q.element_size()
     return [
@@ -74,6 +78,9 @@ def elementwise_cases() -> list[Case]:
         Case("rotary neox (strided q)", f"[{TOKENS}, {HEADS}, {HEAD_DIM}]",
              lambda: rotary.apply_rotary(q, cos, sin, False), lambda: ref_rotary.apply_rotary(q, cos, sin, False),
              2 * q_bytes + 2 * cos.nbytes),
+        Case("rms_norm + rotary of q and k", f"[{TOKENS}, {HEADS}+{KV_HEADS}, {HEAD_DIM}]",
+             lambda: rotary.apply_rotary(qk, cos, sin, False, norm=qk_norm),
+             lambda: ref_rotary.apply_rotary(qk, cos, sin, False, qk_norm), 2 * qk.numel() * qk.element_size()),
         Case("rotary interleaved, half", f"[{TOKENS}, {HEADS}, {HEAD_DIM}]",
              lambda: rotary.apply_rotary(q, cos_half, sin_half, True),
              lambda: ref_rotary.apply_rotary(q, cos_half, sin_half, True), 2 * q_bytes + 2 * cos_half.nbytes),
@@ -122,6 +129,13 @@ def gemv_case(name: str, n: int, k: int) -> Case:
                 lambda: torch.nn.functional.linear(x, w), w.nbytes)
 
 
+def router_case(experts: int, hidden: int) -> Case:
+    """A batch-1 MoE router: bf16 activations times a float32 weight, against the cast and cuBLAS."""
+    x, w = randn(1, hidden), randn(experts, hidden, dtype=torch.float32)
+    return Case("router logits", f"[1, {hidden}] x [{experts}, {hidden}]^T fp32", lambda: linear_ops.float_linear(x, w),
+                lambda: torch.nn.functional.linear(x.float(), w), w.nbytes)
+
+
 def moe_case(name: str, tokens: int, experts: int, top_k: int, hidden: int, inter: int) -> Case:
     """One MoE layer's routed experts (gate/up, SiLU, down, routing weights, top-k sum). Bytes: the
     distinct experts this routing touches, read once, plus the activations."""
@@ -142,13 +156,22 @@ def moe_cases() -> list[Case]:
     return [moe_case(name, tokens, *shape) for name, shape in shapes.items() for tokens in (1, 16, 64, 256)]
 
 
+def decode_projection_cases() -> list[Case]:
+    return [gemv_case("LM head", 128256, 4096), gemv_case("o_proj", 4096, 4096), gemv_case("down_proj", 4096, 14336),
+            gemv_case("Qwen3-30B-A3B qkv", 5120, 2048), gemv_case("Qwen3-30B-A3B o_proj", 2048, 4096),
+            router_case(128, 2048)]
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=[], help="the cases whose kernel name has one of these words")
+    args = parser.parse_args()
     torch.manual_seed(0)
     copy = copy_gbps()
-    cases = elementwise_cases() + [gemv_case("LM head", 128256, 4096), gemv_case("o_proj", 4096, 4096),
-                                   gemv_case("down_proj", 4096, 14336)] + [decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768),
-                                   decode_case(1, 8192), prefill_case([2048], [2048]),
-                                   prefill_case([512] * 4, [2048] * 4)] + moe_cases()
+    cases = elementwise_cases() + decode_projection_cases() + [
+        decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768), decode_case(1, 8192), decode_case(1, 256),
+        prefill_case([2048], [2048]), prefill_case([512] * 4, [2048] * 4)] + moe_cases()
+    cases = [c for c in cases if not args.only or any(word in c.kernel for word in args.only)]
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write)")
     print(f"{'kernel':<30} {'shape':<40} {'triton µs':>10} {'torch µs':>10} {'speedup':>8}  achieved")
     for case in cases:

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a CUDA device", allow_module_level=True)
 
 from chitu.ops import attention as attention_ops  # noqa: E402
+from chitu.ops import linear as linear_ops  # noqa: E402
 from chitu.ops import moe as moe_ops  # noqa: E402
 from chitu.ops.attention_metadata import AttentionMetadata  # noqa: E402
 from chitu.ops.torch_ref import activation as ref_activation  # noqa: E402
@@ -102,6 +103,21 @@ def test_apply_rotary_matches_reference_bitwise(dtype, interleaved, head_dim, ro
     assert torch.equal(out, ref_rotary.apply_rotary(x, cos, sin, interleaved))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(128, 128), (128, 64), (80, 40)])
+def test_apply_rotary_after_per_head_norms(dtype, interleaved, head_dim, rotary_dim):
+    """q and k heads side by side, each normalised by its own weight first (Qwen3's q/k norms in one launch)."""
+    tokens, q_heads, k_heads = 37, 19, 5
+    heads = q_heads + k_heads
+    x = randn(tokens, (heads + 3) * head_dim, dtype=dtype)[:, : heads * head_dim].view(tokens, heads, head_dim)
+    norm = (randn(head_dim, dtype=dtype), randn(head_dim, dtype=dtype), q_heads, 1e-6)
+    angles = torch.rand(tokens, rotary_dim // 2, device=DEVICE) * 1000
+    cos, sin = angles.cos(), angles.sin()
+    out = rotary.apply_rotary(x, cos, sin, interleaved, out=poisoned(x.shape, dtype), norm=norm)
+    assert_close(out, ref_rotary.apply_rotary(x, cos, sin, interleaved, norm), ELEMENTWISE_TOL[dtype])
+
+
 # ---- silu_and_mul
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,6 +126,16 @@ def test_gemv(dtype, n, k):
     x, w = randn(1, k, dtype=dtype), randn(n, k, dtype=dtype) / k**0.5
     out = gemv.gemv(x, w, out=poisoned((1, n), dtype))
     assert_close(out, torch.nn.functional.linear(x.float(), w.float()), ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("n,k", [(128, 2048), (60, 1037)])
+def test_float_linear_of_a_router(tokens, n, k):
+    """bf16 activations times a float32 router weight, accumulated in float32 (the GEMV at one row)."""
+    x, w = randn(tokens, k, dtype=torch.bfloat16), randn(n, k, dtype=torch.float32) / k**0.5
+    out = linear_ops.float_linear(x, w)
+    assert out.dtype == torch.float32
+    assert_close(out, x.double() @ w.double().T, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,6 +192,17 @@ def test_decode_attention(dtype, heads, kv_heads, head_dim, block_size):
 def test_decode_attention_long_contexts(dtype):
     context_lens = [20000, 1, 5003, 33333]
     q, k_cache, v_cache, meta = paged_case([1] * 4, context_lens, 32, 8, 128, 64, dtype)
+    out = attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 128**-0.5,
+                                     out=poisoned(q.shape, dtype))
+    assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_large_batch(dtype):
+    """Enough sequences to fill the GPU without splitting: parts of the block-table width's share."""
+    context_lens = torch.randint(1, 700, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    q, k_cache, v_cache, meta = paged_case([1] * 300, context_lens, 16, 4, 128, 64, dtype)
+    assert attention._decode_splits(300 * 4, meta.block_tables.shape[1] * 64, q.device)[0] < attention.EVEN_SPLITS_FROM
     out = attention.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 128**-0.5,
                                      out=poisoned(q.shape, dtype))
     assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])

@@ -49,8 +49,9 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin) rows of the step's positions: gathered once per step, shared by every layer."""
         return self.cos[positions], self.sin[positions]
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], qk: torch.Tensor,
+                norm: rotary_ops.HeadNorm | None = None) -> torch.Tensor:
+        """Rotate q and k heads side by side (qk [T, q_heads + k_heads, head_dim]) in one launch, each head
+        RMS-normalised first when given a norm."""
         cos, sin = rope
-        return (rotary_ops.apply_rotary(q, cos, sin, self.interleaved),
-                rotary_ops.apply_rotary(k, cos, sin, self.interleaved))
+        return rotary_ops.apply_rotary(qk, cos, sin, self.interleaved, norm)

@@ -49,12 +49,12 @@ class SelfAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, dtype)
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.out_splits, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(rope, q, k)
+        qkv = self.qkv_proj(hidden)
+        q_size, k_size, _ = self.qkv_proj.out_splits
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : q_size + k_size].view(-1, heads, self.head_dim)
+        v = qkv[:, q_size + k_size:].view(-1, self.num_kv_heads, self.head_dim)
+        norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.num_heads, self.q_norm.eps)
+        q, k = self.rotary(rope, qk, norm).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.attn(q, k, v, meta)
         return self.o_proj(out.flatten(1))

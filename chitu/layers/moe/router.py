@@ -9,6 +9,7 @@ from torch import nn
 
 from chitu.checkpoint import CheckpointReader
 from chitu.layers.loadable import copy_into
+from chitu.ops import linear as linear_ops
 from chitu.ops import moe as moe_ops
 
 
@@ -36,7 +37,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, top_k] float32, expert ids [T, top_k])."""
         o = self.options
-        logits = torch.nn.functional.linear(x.float(), self.weight)
+        logits = linear_ops.float_linear(x, self.weight)
         return moe_ops.select_experts(logits, o.top_k, o.scoring, o.renormalize, self.e_score_correction_bias,
                                       o.num_groups, o.top_groups, o.scaling_factor)
 

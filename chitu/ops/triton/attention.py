@@ -2,9 +2,12 @@
 
 Decode (one query per sequence): split-K over the context on a grid (seq, kv head, split), all query
 heads of a kv head's group in one tile, then a second kernel merges the splits by log-sum-exp. The
-split count comes from static shapes only (batch, kv heads, block-table width): no host reads of
-data-dependent values, so a decode step can be captured in a CUDA graph and replayed with other
-context lengths and block tables.
+split count comes from static shapes only (batch, kv heads, block-table width). With many splits
+(a small batch) each sequence's context is cut into that many equal parts on the device, so a short
+context is spread over the splits as a long one is; with few, into parts of the block-table width's
+share, which an H200 streams faster (96% of the copy rate at batch 64, against 73% for equal parts).
+No host reads of data-dependent values: a decode step can be captured in a CUDA graph and replayed
+with other context lengths and block tables.
 
 Prefill: flash attention over query tiles of every sequence; sequence b's queries are the last
 q_len[b] of its context_lens[b] tokens, and all its keys (cached prefix and this step's, already
@@ -28,6 +31,7 @@ PREFILL_NUM_STAGES = 2
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4
+EVEN_SPLITS_FROM = 4  # splits: below this, a context's parts are the block-table width's share
 
 
 @triton.jit
@@ -59,14 +63,17 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table_row, k_head, v_head,
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, context_lens_ptr, mid_out_ptr, mid_lse_ptr,
                          stride_qb, stride_qh, stride_tb, stride_block, stride_token, stride_head,
-                         qk_scale, split_len, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                         qk_scale, split_len, EVEN_SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
+    if EVEN_SPLITS:
+        split_len = tl.cdiv(tl.cdiv(context_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * split_len
-    end = tl.minimum(start + split_len, tl.load(context_lens_ptr + seq).to(tl.int32))
+    end = tl.minimum(start + split_len, context_len)
 
     g = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + g
@@ -160,7 +167,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _decode_splits(programs: int, max_tokens: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split) of each context: enough programs to fill the GPU, from static shapes."""
+    """(splits, tokens per split of the longest context) of each context: enough programs to fill the
+    GPU, from static shapes."""
     wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), programs)
     splits = max(1, min(wanted, triton.cdiv(max_tokens, MIN_SPLIT_TOKENS), MAX_SPLITS))
     split_len = triton.cdiv(triton.cdiv(max_tokens, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
@@ -190,7 +198,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, mid_out, mid_lse, q.stride(0), q.stride(1),
         block_tables.stride(0), *k_cache.stride()[:3], scale * LOG2E, split_len,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        EVEN_SPLITS=splits >= EVEN_SPLITS_FROM, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     _decode_merge_kernel[(batch, heads)](

@@ -6,7 +6,9 @@ import triton.language as tl
 
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for bn, bk, w, s in [(8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (4, 1024, 4, 3),
-                                (8, 512, 8, 4), (32, 256, 8, 3), (16, 1024, 8, 3)]]
+                                (8, 512, 8, 4), (32, 256, 8, 3), (16, 1024, 8, 3),
+                                # few rows (an MoE router's 128 experts): one or two rows a program
+                                (1, 2048, 4, 2), (2, 1024, 4, 3), (1, 1024, 4, 3), (2, 2048, 8, 2)]]
 
 
 @triton.autotune(configs=CONFIGS, key=["N", "K"])
@@ -26,7 +28,7 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, BLOCK_N: tl.constexpr, B
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype (fp32 accumulation)."""
+    """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype or out's (fp32 accumulation)."""
     n, k = weight.shape
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)

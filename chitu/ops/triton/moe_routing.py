@@ -52,9 +52,11 @@ def _select_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stri
     chosen = tl.zeros((BLOCK_K,), dtype=tl.int64)
     weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        _, expert = _first_max(choice, offs, BLOCK_E)
+        best, expert = _first_max(choice, offs, BLOCK_E)
+        if HAS_BIAS:  # the choice was biased: the weight is the expert's own score
+            best = tl.sum(tl.where(offs == expert, scores, 0.0), axis=0)
         chosen = tl.where(k_offs == k, expert, chosen)
-        weights = tl.where(k_offs == k, tl.sum(tl.where(offs == expert, scores, 0.0), axis=0), weights)
+        weights = tl.where(k_offs == k, best, weights)
         choice = tl.where(offs == expert, float("-inf"), choice)
     if RENORMALIZE:
         weights = weights / (tl.sum(weights, axis=0) + 1e-20)
@@ -77,5 +79,6 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
             num_experts, router_logits.stride(0), scaling_factor, TOP_K=top_k, SOFTMAX=scoring == "softmax",
             HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, GROUPS=num_groups,
             TOP_GROUPS=top_groups, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-            BLOCK_G=triton.next_power_of_2(num_groups), num_warps=4 if block_e <= 256 else 8)
+            # one warp reduces by shuffles alone, no shared-memory round trips: the k picks are serial
+            BLOCK_G=triton.next_power_of_2(num_groups), num_warps=max(1, block_e // 256))
     return weights, ids

@@ -1,5 +1,7 @@
 """Rotary position embedding on x [T, heads, head_dim]: neox (halves) or interleaved (pairs) style,
-the first 2 * cos.shape[-1] channels rotated and the rest copied."""
+the first 2 * cos.shape[-1] channels rotated and the rest copied. Optionally each head is first
+RMS-normalised (Qwen3's and GLM-4.5's q/k norms): heads below `split` by one weight, the rest by
+another, so a layer's q and k heads take one launch."""
 import torch
 import triton
 import triton.language as tl
@@ -9,30 +11,42 @@ HEADS_PER_PROGRAM = 16
 
 @triton.jit
 def _rotary_kernel(x_ptr, x_stride_t, x_stride_h, cos_ptr, sin_ptr, cs_stride_t, out_ptr,
-                   heads, head_dim, half_rot,
-                   INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_PASS: tl.constexpr):
+                   w_low_ptr, w_high_ptr, split, eps, heads, head_dim, half_rot,
+                   INTERLEAVED: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = head < heads
     x_row = x_ptr + token * x_stride_t + head[:, None] * x_stride_h
     out_row = out_ptr + (token * heads + head[:, None]) * head_dim
+    dtype = out_ptr.dtype.element_ty
 
     j = tl.arange(0, BLOCK_HALF)
     half_mask = head_mask[:, None] & (j < half_rot)[None, :]
-    if INTERLEAVED:  # load the (even, odd) pairs as one contiguous run and split them in registers
-        c = tl.arange(0, 2 * BLOCK_HALF)
-        pair_mask = head_mask[:, None] & (c < 2 * half_rot)[None, :]
-        pairs = tl.load(x_row + c[None, :], mask=pair_mask, other=0.0)
-        x1, x2 = tl.split(tl.reshape(pairs, [BLOCK_H, BLOCK_HALF, 2]))
-    else:
-        x1 = tl.load(x_row + j[None, :], mask=half_mask, other=0.0)
-        x2 = tl.load(x_row + half_rot + j[None, :], mask=half_mask, other=0.0)
+    c = tl.arange(0, 2 * BLOCK_HALF)
+    pair_mask = head_mask[:, None] & (c < 2 * half_rot)[None, :]
+    x1, x2 = _halves(x_row, j, c, half_rot, half_mask, pair_mask, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    if BLOCK_PASS > 0:  # the channels past the rotated ones
+        p = 2 * half_rot + tl.arange(0, BLOCK_PASS)
+        pass_mask = head_mask[:, None] & (p < head_dim)[None, :]
+        x_pass = tl.load(x_row + p[None, :], mask=pass_mask, other=0.0).to(tl.float32)
+    if NORM:
+        squares = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if BLOCK_PASS > 0:
+            squares += tl.sum(x_pass * x_pass, axis=1)
+        rstd = tl.rsqrt(squares / head_dim + eps)[:, None]
+        low = (head < split)[:, None]
+        w1, w2 = _halves(w_low_ptr, j, c, half_rot, half_mask, pair_mask, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        v1, v2 = _halves(w_high_ptr, j, c, half_rot, half_mask, pair_mask, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        x1, x2 = _normed(x1, rstd, tl.where(low, w1, v1), dtype), _normed(x2, rstd, tl.where(low, w2, v2), dtype)
+        if BLOCK_PASS > 0:
+            w_pass = tl.where(low, tl.load(w_low_ptr + p[None, :], mask=pass_mask, other=0.0),
+                              tl.load(w_high_ptr + p[None, :], mask=pass_mask, other=0.0))
+            x_pass = _normed(x_pass, rstd, w_pass, dtype)
     # cos/sin and each product rounded to x's dtype, exactly as the torch reference (and HF) round them
-    dtype = out_ptr.dtype.element_ty
     cos = _rounded(tl.load(cos_ptr + token * cs_stride_t + j, mask=j < half_rot, other=0.0), dtype)[None, :]
     sin = _rounded(tl.load(sin_ptr + token * cs_stride_t + j, mask=j < half_rot, other=0.0), dtype)[None, :]
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     out1 = (_rounded(x1 * cos, dtype) - _rounded(x2 * sin, dtype)).to(dtype)
     out2 = (_rounded(x2 * cos, dtype) + _rounded(x1 * sin, dtype)).to(dtype)
     if INTERLEAVED:
@@ -40,11 +54,26 @@ def _rotary_kernel(x_ptr, x_stride_t, x_stride_h, cos_ptr, sin_ptr, cs_stride_t,
     else:
         tl.store(out_row + j[None, :], out1, mask=half_mask)
         tl.store(out_row + half_rot + j[None, :], out2, mask=half_mask)
-
     if BLOCK_PASS > 0:
-        p = 2 * half_rot + tl.arange(0, BLOCK_PASS)
-        pass_mask = head_mask[:, None] & (p < head_dim)[None, :]
-        tl.store(out_row + p[None, :], tl.load(x_row + p[None, :], mask=pass_mask), mask=pass_mask)
+        tl.store(out_row + p[None, :], x_pass.to(dtype), mask=pass_mask)
+
+
+@triton.jit
+def _halves(row_ptr, j, c, half_rot, half_mask, pair_mask, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
+            BLOCK_HALF: tl.constexpr):
+    """The two rotated halves of BLOCK_H rows (row_ptr [BLOCK_H, 1]; a vector broadcast to every row
+    when row_ptr is a scalar)."""
+    if INTERLEAVED:  # load the (even, odd) pairs as one contiguous run and split them in registers
+        pairs = tl.load(row_ptr + c[None, :], mask=pair_mask, other=0.0)
+        return tl.split(tl.reshape(pairs, [BLOCK_H, BLOCK_HALF, 2]))
+    return (tl.load(row_ptr + j[None, :], mask=half_mask, other=0.0),
+            tl.load(row_ptr + half_rot + j[None, :], mask=half_mask, other=0.0))
+
+
+@triton.jit
+def _normed(x, rstd, weight, dtype: tl.constexpr):
+    """weight * normalise(x), rounded as the torch RMSNorm rounds it: the normalised x, then the product."""
+    return _rounded(_rounded(x * rstd, dtype) * weight.to(tl.float32), dtype)
 
 
 @triton.jit
@@ -54,8 +83,11 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] (rows may be strided; last dim contiguous) by cos/sin [T, rotary_dim/2]."""
+                 out: torch.Tensor | None = None,
+                 norm: tuple[torch.Tensor, torch.Tensor, int, float] | None = None) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] (rows may be strided; last dim contiguous) by cos/sin [T, rotary_dim/2].
+    norm (low weight, high weight, split, eps): RMS-normalise each head first, heads < split by the low
+    weight [head_dim] and the others by the high one."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     tokens, heads, head_dim = x.shape
@@ -63,11 +95,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     cos, sin = cos.contiguous(), sin.contiguous()
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    w_low, w_high, split, eps = norm if norm is not None else (x, x, 0, 0.0)
     block_h = min(HEADS_PER_PROGRAM, triton.next_power_of_2(heads))
     pass_width = head_dim - 2 * half_rot
     _rotary_kernel[(tokens, triton.cdiv(heads, block_h))](
-        x, x.stride(0), x.stride(1), cos, sin, cos.stride(0), out, heads, head_dim, half_rot,
-        INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half_rot),
+        x, x.stride(0), x.stride(1), cos, sin, cos.stride(0), out, w_low, w_high, split, eps,
+        heads, head_dim, half_rot, INTERLEAVED=interleaved, NORM=norm is not None, BLOCK_H=block_h,
+        BLOCK_HALF=triton.next_power_of_2(half_rot),
         BLOCK_PASS=triton.next_power_of_2(pass_width) if pass_width else 0,
         # the compiler turns each rounded product into a 16-bit multiply; fused into an FMA, a product
         # would skip its rounding and the result would differ from the reference's in the last bit
