@@ -41,6 +41,10 @@ MODELS = {
         routed_scaling_factor=2.5, use_qk_norm=True, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=1)),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
         num_key_value_heads=2, vocab_size=320, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "deepseek-v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, vocab_size=320, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5)),
 }
 
 
@@ -57,7 +61,8 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-MODEL_TYPES = {"qwen3-moe": "hf-qwen-3-moe", "glm4-moe": "hf-glm-4-moe", "mixtral": "hf-mixtral"}
+MODEL_TYPES = {"qwen3-moe": "hf-qwen-3-moe", "glm4-moe": "hf-glm-4-moe", "mixtral": "hf-mixtral",
+               "deepseek-v3": "deepseek-v3"}
 
 
 def model_args(name: str, path: str) -> list[str]:
@@ -105,6 +110,8 @@ LAYOUTS = [
     ("qwen3-moe", 4, ["infer.tp_size=2", "infer.pp_size=2", "infer.ep_size=2", *SPLIT_DECODE]),
     ("glm4-moe", 2, ["infer.tp_size=2", "infer.ep_size=2"]),
     ("mixtral", 4, ["infer.tp_size=4", "infer.ep_size=2"]),
+    # MLA heads split over the ranks, its latent cache (the reference expands the latents: mla_absorb=none)
+    ("deepseek-v3", 2, ["infer.tp_size=2", "infer.ep_size=2", "infer.mla_absorb=absorb-without-precomp"]),
 ]
 
 

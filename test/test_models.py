@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from chitu.checkpoint import open_checkpoint
+from chitu.config.schema import ConfigError
 from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.models.loader import load_model
 from chitu.models.registry import UnsupportedModelError
@@ -48,6 +49,18 @@ FAMILIES = {
         head_dim=16, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=40, n_shared_experts=1,
         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, pad_token_id=0, eos_token_id=1)),
+    # MLA: latent 32 + RoPE key 8, nope 16, v 12; DeepSeek's YaRN with its attention-scale correction
+    "deepseek-v3": ("deepseek-v3", transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=40, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                             mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1))),
+    "deepseek-v3-no-q-lora": ("deepseek-v3", transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
+        first_k_dense_replace=2, n_group=1, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+        attention_bias=True)),
 }
 PROMPT_LENS = [5, 17, 11]
 DECODE_STEPS = 8
@@ -62,7 +75,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def family(request, tmp_path_factory):
     model_type, config_cls, model_cls, extra = FAMILIES[request.param]
     torch.manual_seed(0)
-    hf_model = model_cls(config_cls(**TINY, **extra)).eval()
+    hf_model = model_cls(config_cls(**{**TINY, **extra})).eval()
     randomize(hf_model)
     path = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(path, safe_serialization=True)
@@ -77,18 +90,22 @@ class Family:
     model_type: str
 
 
-def load_tiny(path, model_type: str, device: str, dtype: torch.dtype):
+def load_tiny(path, model_type: str, device: str, dtype: torch.dtype, mla_absorb: str = "none"):
     with open_checkpoint(str(path)) as reader:
-        return load_model(reader, model_type, 256, torch.device(device), dtype)
+        return load_model(reader, model_type, 256, torch.device(device), dtype, mla_absorb)
 
 
 def randomize(hf_model: torch.nn.Module) -> None:
-    """Random biases and norms, so that every weight is exercised; MoE routers far from ties."""
+    """Random biases and norms, so that every weight is exercised; MoE routers far from ties; MLA's
+    attention far from uniform, so that its softmax scale (YaRN's correction) shows."""
+    mla = hf_model.config.model_type == "deepseek_v3"
     for name, p in hf_model.named_parameters():
         if p.dim() == 1:
-            torch.nn.init.normal_(p, std=0.2)
+            torch.nn.init.normal_(p, std=1.0 if mla and "a_layernorm" in name else 0.2)
         elif name.endswith("mlp.gate.weight"):
             torch.nn.init.normal_(p, std=1.0)
+        elif mla and "self_attn" in name and "o_proj" not in name:
+            torch.nn.init.normal_(p, std=0.3)
     for name, b in hf_model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             torch.nn.init.normal_(b, std=0.3)
@@ -152,6 +169,23 @@ def run_prefill_and_decode(model, hf_models, device: str = "cpu") -> list[tuple[
 def test_logits_match_transformers(family):
     for step, (error,) in enumerate(run_prefill_and_decode(family.model, [family.hf_model])):
         assert error <= 1e-4, f"step {step} (0 = prefill)"
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3", "deepseek-v3-no-q-lora"], indirect=True)
+def test_mla_absorbed_into_a_latent_cache_matches_transformers(family):
+    """infer.mla_absorb=absorb-without-precomp: one latent + RoPE-key entry per token in the cache."""
+    model = load_tiny(family.path, family.model_type, "cpu", torch.float32, "absorb-without-precomp")
+    (spec,) = {layer.kv_cache_spec() for layer in kv_cache_layers(model)}
+    assert spec.page_shapes(BLOCK_SIZE) == {"kv_lora_k_pe": (BLOCK_SIZE, 32 + 8)}
+    for step, (error,) in enumerate(run_prefill_and_decode(model, [family.hf_model])):
+        assert error <= 1e-4, f"step {step} (0 = prefill)"
+
+
+def test_mla_absorb_modes_not_built_are_refused_by_name(tmp_path):
+    model_type, config_cls, model_cls, extra = FAMILIES["deepseek-v3"]
+    model_cls(config_cls(**{**TINY, **extra})).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="infer.mla_absorb=absorb is not built yet"):
+        load_tiny(tmp_path, model_type, "cpu", torch.float32, "absorb")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -156,17 +156,17 @@ POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_l
 # Keys that may be null; when set they must be positive.
 POSITIVE_OR_NULL = ("serve.max_prompt_chars", "infer.num_threads")
 
-# Keys whose feature is not built yet: a non-default value stops the start instead of being ignored.
-NOT_BUILT: dict[str, tuple[Any, str]] = {
-    "infer.dp_size": (1, "data parallelism"),
-    "infer.cache_type": ("paged", "the dense 'skew' KV cache (use infer.cache_type=paged)"),
-    "infer.op_impl": ("torch", "custom operator implementations"),
-    "infer.mla_absorb": ("none", "MLA weight absorption (DeepSeek-V3 family)"),
-    "quant": (None, "quantized execution"),
-    "quant_on_load": (False, "quantize-on-load"),
-    "quant_ckpt_dir": (None, "pre-quantized checkpoints"),
-    "skip_preprocess": (False, "preprocessed checkpoints"),
-    "cpu_layer_num": (None, "CPU+GPU hybrid MoE"),
+# Keys whose feature is not built yet: a value other than those built stops the start instead of being ignored.
+NOT_BUILT: dict[str, tuple[tuple, str]] = {
+    "infer.dp_size": ((1,), "data parallelism"),
+    "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
+    "infer.op_impl": (("torch",), "custom operator implementations"),
+    "infer.mla_absorb": (("none", "absorb-without-precomp"), "MLA weights folded into q_b_proj and o_proj at load"),
+    "quant": ((None,), "quantized execution"),
+    "quant_on_load": ((False,), "quantize-on-load"),
+    "quant_ckpt_dir": ((None,), "pre-quantized checkpoints"),
+    "skip_preprocess": ((False,), "preprocessed checkpoints"),
+    "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
 }
 
 
@@ -219,9 +219,9 @@ def _check_values(config: ChituConfig) -> None:
     for key, value in (("prefill_num_tasks", pp.prefill_num_tasks), ("decode_num_tasks", pp.decode_num_tasks)):
         if value < 1:
             raise ConfigError(f"scheduler.pp_config.{key}={value} must be a positive integer")
-    for key, (default, feature) in NOT_BUILT.items():
+    for key, (built, feature) in NOT_BUILT.items():
         value = get_key(config, key)
-        if value != default:
+        if value not in built:
             raise ConfigError(f"{key}={value}: {feature} is not built in this version of Chitu yet")
 
 

@@ -56,7 +56,8 @@ class Worker:
         config = self.config
         reader = open_checkpoint(config.models.checkpoint_path())
         try:
-            return load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config))
+            return load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config),
+                              config.infer.mla_absorb)
         finally:
             reader.close()
 

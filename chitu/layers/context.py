@@ -15,6 +15,7 @@ class ModelContext:
     dtype: torch.dtype          # activations, dense weights and the KV cache
     max_positions: int          # the longest sequence the RoPE table covers
     quant: QuantConfig = QuantConfig()
+    mla_absorb: str = "none"    # infer.mla_absorb: where MLA expands its latents (layers/mla_attention.py)
 
     @property
     def head_dim(self) -> int:

@@ -48,6 +48,18 @@ class FullAttentionSpec(KVCacheSpec):
                 "v": (block_size, self.num_kv_heads, self.head_dim_v)}
 
 
+@dataclass(frozen=True)
+class MLALatentSpec(KVCacheSpec):
+    """Multi-head latent attention with absorbed weights: one entry per token for all heads, the
+    compressed KV latent and the shared RoPE key side by side (512 + 64 for DeepSeek-V3)."""
+
+    kv_lora_rank: int
+    rope_dim: int
+
+    def page_shapes(self, block_size: int) -> dict[str, tuple[int, ...]]:
+        return {"kv_lora_k_pe": (block_size, self.kv_lora_rank + self.rope_dim)}
+
+
 @runtime_checkable
 class CachesKV(Protocol):
     backend: str  # the attention implementation, set by the engine: "ref" (torch) or "triton"

@@ -1,5 +1,6 @@
-"""Mixture-of-experts decoders — Qwen3-MoE, Mixtral, GLM-4.5/4.5-Air: GQA attention, and in each
-layer either a dense gated MLP or a sparse MoE block, as the checkpoint's config says."""
+"""Mixture-of-experts decoders — Qwen3-MoE, Mixtral, GLM-4.5/4.5-Air (GQA attention), DeepSeek-V3
+(multi-head latent attention): in each layer either a dense gated MLP or a sparse MoE block, as the
+checkpoint's config says."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,9 +9,11 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from chitu.layers.context import ModelContext
+from chitu.layers.mla_attention import MLAAttention
 from chitu.layers.mlp import GatedMLP
 from chitu.layers.moe.router import RouterOptions
 from chitu.layers.moe.sparse_moe import SparseMoE
+from chitu.layers.rotary import RotaryEmbedding
 from chitu.layers.self_attention import AttentionOptions
 from chitu.models.decoder import LayerBuilders, MLPBuilder
 from chitu.models.dense import gqa_attention
@@ -43,13 +46,28 @@ def mixtral(config: PretrainedConfig) -> LayerBuilders:
                                                                        config.intermediate_size, router)))
 
 
-def glm4_moe(config: PretrainedConfig) -> LayerBuilders:
+def grouped_sigmoid_moe(config: PretrainedConfig) -> MLPBuilder:
+    """GLM-4.5's and DeepSeek-V3's: dense below first_k_dense_replace, then sigmoid scores steered by a
+    correction bias, top-k within the best groups, scaled, beside shared experts."""
     router = RouterOptions(config.num_experts_per_tok, scoring="sigmoid", renormalize=config.norm_topk_prob,
                            correction_bias=True, num_groups=config.n_group, top_groups=config.topk_group,
                            scaling_factor=config.routed_scaling_factor)
     shared = config.moe_intermediate_size * config.n_shared_experts
+    return moe_or_dense(lambda index: index >= config.first_k_dense_replace,
+                        lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts,
+                                                      config.moe_intermediate_size, router, shared))
+
+
+def glm4_moe(config: PretrainedConfig) -> LayerBuilders:
     return LayerBuilders(
         gqa_attention(AttentionOptions(qkv_bias=config.attention_bias, qk_norm=config.use_qk_norm)),
-        moe_or_dense(lambda index: index >= config.first_k_dense_replace,
-                     lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts, config.moe_intermediate_size,
-                                                   router, shared)))
+        grouped_sigmoid_moe(config))
+
+
+def mla_attention(ctx: ModelContext, index: int, prefix: str, rotary: RotaryEmbedding) -> MLAAttention:
+    return MLAAttention(ctx, prefix, rotary)
+
+
+def deepseek_v3(config: PretrainedConfig) -> LayerBuilders:
+    return LayerBuilders(mla_attention, grouped_sigmoid_moe(config),
+                         rope_interleaved=getattr(config, "rope_interleave", True))

@@ -41,6 +41,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture("hf-qwen-3-moe", moe.qwen3_moe),
     "MixtralForCausalLM": Architecture("hf-mixtral", moe.mixtral, _MIXTRAL_RENAMES),
     "Glm4MoeForCausalLM": Architecture("hf-glm-4-moe", moe.glm4_moe),
+    "DeepseekV3ForCausalLM": Architecture("deepseek-v3", moe.deepseek_v3),
 }
 MODEL_TYPES = sorted({a.model_type for a in ARCHITECTURES.values()})
 
@@ -56,7 +57,8 @@ def architecture_of(config: PretrainedConfig) -> tuple[str, Architecture]:
     )
 
 
-def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype) -> nn.Module:
+def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype,
+                mla_absorb: str = "none") -> nn.Module:
     """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it.
     A checkpoint declaring a quantization Chitu has no method for is refused here."""
     name, arch = architecture_of(config)
@@ -64,5 +66,5 @@ def build_model(config: PretrainedConfig, expected_type: str, max_positions: int
         raise UnsupportedModelError(
             f"models.type={expected_type} but the checkpoint is {name} (type {arch.model_type})"
         )
-    ctx = ModelContext(config, dtype, max_positions, QuantConfig.from_checkpoint(config))
+    ctx = ModelContext(config, dtype, max_positions, QuantConfig.from_checkpoint(config), mla_absorb)
     return CausalLM(ctx, arch.layers(config))

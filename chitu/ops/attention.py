@@ -18,11 +18,18 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
+def store_rows(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write rows [T, width] (MLA latents) into a cache [num_blocks, block_size, width] at their slots."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, rows.to(cache.dtype))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, backend: str = "triton") -> torch.Tensor:
-    """backend "ref" forces the torch reference; "triton" uses the kernels where they run."""
+    """backend "ref" forces the torch reference; "triton" uses the kernels where they run. Keys and values
+    of different widths (MLA) take the reference for now."""
     # float32 stays on the reference: tl.dot would round its operands to tf32
-    if backend == "ref" or not triton_ops.enabled(q) or q.dtype == torch.float32:
+    if (backend == "ref" or not triton_ops.enabled(q) or q.dtype == torch.float32
+            or k_cache.shape[-1] != v_cache.shape[-1]):
         return ref.paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.max_query_len == 1:
         return kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
