@@ -90,9 +90,10 @@ class Family:
     model_type: str
 
 
-def load_tiny(path, model_type: str, device: str, dtype: torch.dtype, mla_absorb: str = "none"):
+def load_tiny(path, model_type: str, device: str, dtype: torch.dtype, mla_absorb: str = "none",
+              raise_lower_bit_float_to: str = "float8_e4m3fn"):
     with open_checkpoint(str(path)) as reader:
-        return load_model(reader, model_type, 256, torch.device(device), dtype, mla_absorb)
+        return load_model(reader, model_type, 256, torch.device(device), dtype, mla_absorb, raise_lower_bit_float_to)
 
 
 def randomize(hf_model: torch.nn.Module) -> None:
@@ -235,7 +236,9 @@ def test_moe_models_leave_cuda_graphs_off_until_their_experts_can_be_captured(fa
 
 
 @pytest.mark.parametrize("quantization_config, message", [
-    (dict(quant_method="fp8", fmt="e4m3", weight_block_size=[128, 128]), "quant_method='fp8' \\(fmt=e4m3, weight_block_size"),
+    (dict(quant_method="fp8", fmt="e4m3", weight_block_size=[128, 128]),
+     "FP8 block-quantized \\(fmt=e4m3, weight_block_size=\\[128, 128\\]\\); running fp8 weights \\(W8A8\\) is not built"),
+    (dict(quant_method="fp8", fmt="e4m3"), "quant_method='fp8' \\(fmt=e4m3\\)"),
     (dict(quant_method="awq", bits=4), "quant_method='awq' \\(bits=4\\)"),
     (dict(quant_method="compressed-tensors"), "quant_method='compressed-tensors'"),
 ])

@@ -15,10 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
-               device: torch.device, dtype: torch.dtype, mla_absorb: str = "none") -> nn.Module:
+               device: torch.device, dtype: torch.dtype, mla_absorb: str = "none",
+               raise_lower_bit_float_to: str = "float8_e4m3fn") -> nn.Module:
     config = reader.hf_config()
     with torch.device(device):
-        model = build_model(config, model_type, max_positions, dtype, mla_absorb)
+        model = build_model(config, model_type, max_positions, dtype, mla_absorb, raise_lower_bit_float_to)
     reader.use_renames(architecture_of(config)[1].hf_renames)
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoadsWeights)]
     for name, module in tqdm(modules, desc=f"Loading {reader.path}", unit="module", mininterval=1.0):

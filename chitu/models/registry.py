@@ -58,7 +58,7 @@ def architecture_of(config: PretrainedConfig) -> tuple[str, Architecture]:
 
 
 def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype,
-                mla_absorb: str = "none") -> nn.Module:
+                mla_absorb: str = "none", raise_lower_bit_float_to: str = "float8_e4m3fn") -> nn.Module:
     """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it.
     A checkpoint declaring a quantization Chitu has no method for is refused here."""
     name, arch = architecture_of(config)
@@ -66,5 +66,6 @@ def build_model(config: PretrainedConfig, expected_type: str, max_positions: int
         raise UnsupportedModelError(
             f"models.type={expected_type} but the checkpoint is {name} (type {arch.model_type})"
         )
-    ctx = ModelContext(config, dtype, max_positions, QuantConfig.from_checkpoint(config), mla_absorb)
+    quant = QuantConfig.from_checkpoint(config, raise_lower_bit_float_to)
+    ctx = ModelContext(config, dtype, max_positions, quant, mla_absorb)
     return CausalLM(ctx, arch.layers(config))

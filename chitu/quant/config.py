@@ -1,16 +1,18 @@
 """Which linear method each layer of a checkpoint gets, from its `quantization_config`.
 
-Only unquantized weights have a method yet (GGUF tensors are dequantized as they are read). A
-checkpoint that declares a quantization method is refused with its name: loading its packed or fp8
-tensors as plain weights, without their scales, would serve garbage.
+Unquantized weights, and FP8 block-quantized ones dequantized at load (`infer.raise_lower_bit_float_to=
+bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read. A checkpoint declaring any
+other quantization is refused with its name: loading its packed or fp8 tensors as plain weights, without
+their scales, would serve garbage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig
 
 from chitu.errors import UserError
+from chitu.quant.fp8_block import Fp8BlockDequantizedMethod
 from chitu.quant.linear_method import UNQUANTIZED, LinearMethod
 
 
@@ -22,18 +24,27 @@ class UnsupportedQuantizationError(UserError):
 class QuantConfig:
     """Per-layer linear methods; methods for quantized formats add their settings here."""
 
+    method: LinearMethod = field(default=UNQUANTIZED)
+
     @classmethod
-    def from_checkpoint(cls, config: PretrainedConfig) -> QuantConfig:
+    def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn") -> QuantConfig:
+        """raise_lower_bit_float_to: `bfloat16` dequantizes fp8 weights at load; the default keeps them fp8."""
         declared = getattr(config, "quantization_config", None)
         if not declared:
             return cls()
         declared = declared if isinstance(declared, dict) else declared.to_dict()
         method = declared.get("quant_method") or declared.get("format") or "unnamed"
         details = ", ".join(f"{k}={declared[k]}" for k in ("fmt", "bits", "weight_block_size") if k in declared)
+        if method == "fp8" and declared.get("weight_block_size"):
+            if raise_lower_bit_float_to == "bfloat16":
+                return cls(Fp8BlockDequantizedMethod(tuple(declared["weight_block_size"])))
+            raise UnsupportedQuantizationError(
+                f"the checkpoint is FP8 block-quantized ({details}); running fp8 weights (W8A8) is not built "
+                f"yet: set infer.raise_lower_bit_float_to=bfloat16 to dequantize them at load")
         raise UnsupportedQuantizationError(
             f"the checkpoint is quantized with quant_method={method!r}{f' ({details})' if details else ''}; "
             f"Chitu has no linear method for {method!r} yet: use the unquantized (bf16) checkpoint, or a GGUF file")
 
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method of the linear layer whose checkpoint name is `prefix`."""
-        return UNQUANTIZED
+        return self.method
