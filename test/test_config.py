@@ -54,7 +54,6 @@ def test_every_model_fragment_composes():
     ("infer.max_reqs=many", "infer.max_reqs"),
     ("infer.max_reqs=0", "infer.max_reqs=0 must be a positive integer"),
     ("infer.attn_type=fast", "infer.attn_type=fast is not one of"),
-    ("infer.mla_absorb=absorb", "infer.mla_absorb=absorb: MLA weights folded into q_b_proj and o_proj at load"),
     ("infer.cache_type=skew", "infer.cache_type=skew"),
     ("serve.port=80", "serve.port=80"),
     ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),

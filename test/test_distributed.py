@@ -110,8 +110,8 @@ LAYOUTS = [
     ("qwen3-moe", 4, ["infer.tp_size=2", "infer.pp_size=2", "infer.ep_size=2", *SPLIT_DECODE]),
     ("glm4-moe", 2, ["infer.tp_size=2", "infer.ep_size=2"]),
     ("mixtral", 4, ["infer.tp_size=4", "infer.ep_size=2"]),
-    # MLA heads split over the ranks, its latent cache (the reference expands the latents: mla_absorb=none)
-    ("deepseek-v3", 2, ["infer.tp_size=2", "infer.ep_size=2", "infer.mla_absorb=absorb-without-precomp"]),
+    # MLA heads split over the ranks, kv_b_proj folded per rank, the latent cache (the reference: mla_absorb=none)
+    ("deepseek-v3", 2, ["infer.tp_size=2", "infer.ep_size=2", "infer.mla_absorb=absorb"]),
 ]
 
 

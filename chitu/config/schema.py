@@ -161,7 +161,6 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.dp_size": ((1,), "data parallelism"),
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
-    "infer.mla_absorb": (("none", "absorb-without-precomp"), "MLA weights folded into q_b_proj and o_proj at load"),
     "quant": ((None,), "quantized execution"),
     "quant_on_load": ((False,), "quantize-on-load"),
     "quant_ckpt_dir": ((None,), "pre-quantized checkpoints"),

@@ -14,6 +14,12 @@ class LoadsWeights(Protocol):
         """Fill this layer's parameters from the checkpoint tensors under `prefix` (its module path, Chitu's tensor name)."""
 
 
+@runtime_checkable
+class ProcessesWeights(Protocol):
+    def after_loading(self) -> None:
+        """Rewrite this layer's weights once the whole checkpoint is in (fold, repack); called after every load."""
+
+
 def copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
     if param.shape != value.shape:
         raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}")

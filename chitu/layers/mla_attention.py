@@ -7,6 +7,8 @@ a RoPE key shared by all heads); `kv_b_proj` expands the latent into every head'
 - `absorb-without-precomp`: never for the cache. The cache holds the latent and the RoPE key (one entry
   per token); kv_b_proj's per-head K part takes q_nope into the latent space and its V part takes the
   attention output out of it, so attention is multi-query over the latents.
+- `absorb`: the same cache and attention, with kv_b_proj's K part folded into the q projection and its V
+  part into o_proj once the checkpoint is loaded: no extra GEMMs per step, larger q and o projections.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from chitu.layers.norm import RMSNorm
 from chitu.layers.rotary import RotaryEmbedding, rope_parameters
 from chitu.ops.attention_metadata import AttentionMetadata
 
-MLA_ABSORB_MODES = ("none", "absorb-without-precomp")
+MLA_ABSORB_MODES = ("none", "absorb-without-precomp", "absorb")
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: the checkpoints' configs do not set it
 
 
@@ -51,8 +53,10 @@ class MLAAttention(nn.Module):
         super().__init__()
         config, state, dtype = ctx.config, parallel_state(), ctx.dtype
         if ctx.mla_absorb not in MLA_ABSORB_MODES:
-            raise ConfigError(f"infer.mla_absorb={ctx.mla_absorb} is not built yet; use one of {MLA_ABSORB_MODES}")
+            raise ConfigError(f"infer.mla_absorb={ctx.mla_absorb} is not one of {MLA_ABSORB_MODES}")
         self.absorb = ctx.mla_absorb != "none"
+        self.fold_at_load = ctx.mla_absorb == "absorb"
+        self.folded = False  # set once after_loading has folded kv_b_proj away
         heads = head_shard(config.num_attention_heads, config.num_attention_heads, state.tp_size, state.tp_rank).q_heads
         self.num_heads = heads.length
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
@@ -88,25 +92,44 @@ class MLAAttention(nn.Module):
                      else PagedAttention(self.num_heads, self.num_heads, q_width, scale, dtype, self.v_dim))
 
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, heads, nope + rope], or once folded [T, heads, kv_lora_rank + rope]."""
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden))) if self.q_lora else self.q_proj(hidden)
-        return q.view(-1, self.num_heads, self.nope + self.rope)
+        return q.view(-1, self.num_heads, (self.kv_lora_rank if self.folded else self.nope) + self.rope)
 
     def _expansion(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's per-head halves: K [heads, nope, kv_lora_rank] and V [heads, v_dim, kv_lora_rank]."""
         weight = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return weight[:, : self.nope], weight[:, self.nope:]
 
+    def after_loading(self) -> None:
+        """mla_absorb=absorb: fold kv_b_proj's K half into the q projection (per head, q_nope's rows become
+        W_UK^T W_q_nope) and its V half into o_proj (W_o W_UV), in float32, then drop kv_b_proj."""
+        if not self.fold_at_load or self.folded:
+            return
+        w_k, w_v = (w.float() for w in self._expansion())
+        q_layer = self.q_b_proj if self.q_lora else self.q_proj
+        w_q = q_layer.weight.float().view(self.num_heads, self.nope + self.rope, -1)
+        q_latent = torch.einsum("hnl,hni->hli", w_k, w_q[:, : self.nope])
+        q_layer.weight = nn.Parameter(torch.cat((q_latent, w_q[:, self.nope:]), dim=1).flatten(0, 1)
+                                      .to(q_layer.weight.dtype), requires_grad=False)
+        w_o = self.o_proj.weight.float().view(-1, self.num_heads, self.v_dim)
+        self.o_proj.weight = nn.Parameter(torch.einsum("ohv,hvl->ohl", w_o, w_v).flatten(1)
+                                          .to(self.o_proj.weight.dtype), requires_grad=False)
+        del self.kv_b_proj
+        self.folded = True
+
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q = self._query(hidden)
         latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         # the heads' RoPE queries and the shared RoPE key rotate in one launch
-        pe = self.rotary(rope, torch.cat((q[..., self.nope:], k_pe[:, None]), dim=1))
+        pe = self.rotary(rope, torch.cat((q[..., -self.rope:], k_pe[:, None]), dim=1))
         q_pe, k_pe = pe[:, : self.num_heads], pe[:, self.num_heads]
+        q_nope = q[..., : -self.rope]
         if self.absorb:
-            out = self._absorbed(q[..., : self.nope], q_pe, torch.cat((latent, k_pe), dim=-1), meta)
+            out = self._absorbed(q_nope, q_pe, torch.cat((latent, k_pe), dim=-1), meta)
         else:
-            out = self._expanded(q[..., : self.nope], q_pe, latent, k_pe, meta)
+            out = self._expanded(q_nope, q_pe, latent, k_pe, meta)
         return self.o_proj(out.flatten(1))
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
@@ -118,6 +141,10 @@ class MLAAttention(nn.Module):
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, entry: torch.Tensor,
                   meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the latents; once folded, q_nope is already in the latent space and o_proj takes
+        the output straight from it."""
+        if self.folded:
+            return self.attn(torch.cat((q_nope, q_pe), dim=-1), entry, meta)
         w_k, w_v = self._expansion()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_k).transpose(0, 1)  # [T, heads, kv_lora_rank]
         out_latent = self.attn(torch.cat((q_latent, q_pe), dim=-1), entry, meta)

@@ -8,7 +8,7 @@ from torch import nn
 from tqdm import tqdm
 
 from chitu.checkpoint import CheckpointReader
-from chitu.layers.loadable import LoadsWeights
+from chitu.layers.loadable import LoadsWeights, ProcessesWeights
 from chitu.models.registry import architecture_of, build_model
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,9 @@ def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoadsWeights)]
     for name, module in tqdm(modules, desc=f"Loading {reader.path}", unit="module", mininterval=1.0):
         module.load_weights(reader, name)
+    for module in model.modules():
+        if isinstance(module, ProcessesWeights):
+            module.after_loading()
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("loaded %.1fM parameters as %s on %s", num_params / 1e6, dtype, device)
     return model.eval()
