@@ -60,6 +60,14 @@ FAMILIES = {
         v_head_dim=12, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=40, n_shared_experts=2,
         first_k_dense_replace=2, n_group=1, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False,
         attention_bias=True)),
+    # DeepSeek-V2: softmax routing within the groups holding the best scores, no q_lora (V2-Lite)
+    "deepseek-v2": ("deepseek-v3", transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=40, n_shared_experts=2,
+        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=1.5, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                        original_max_position_embeddings=64, mscale=0.707,
+                                                        mscale_all_dim=0.707, beta_fast=32, beta_slow=1))),
 }
 PROMPT_LENS = [5, 17, 11]
 DECODE_STEPS = 8
@@ -98,7 +106,7 @@ def load_tiny(path, model_type: str, device: str, dtype: torch.dtype, mla_absorb
 def randomize(hf_model: torch.nn.Module) -> None:
     """Random biases and norms, so that every weight is exercised; MoE routers far from ties; MLA's
     attention far from uniform, so that its softmax scale (YaRN's correction) shows."""
-    mla = hf_model.config.model_type == "deepseek_v3"
+    mla = hf_model.config.model_type in ("deepseek_v2", "deepseek_v3")
     for name, p in hf_model.named_parameters():
         if p.dim() == 1:
             torch.nn.init.normal_(p, std=1.0 if mla and "a_layernorm" in name else 0.2)
@@ -172,7 +180,7 @@ def test_logits_match_transformers(family):
 
 
 @pytest.mark.parametrize("mla_absorb", ["absorb-without-precomp", "absorb"])
-@pytest.mark.parametrize("family", ["deepseek-v3", "deepseek-v3-no-q-lora"], indirect=True)
+@pytest.mark.parametrize("family", ["deepseek-v3", "deepseek-v3-no-q-lora", "deepseek-v2"], indirect=True)
 def test_mla_absorbed_into_a_latent_cache_matches_transformers(family, mla_absorb):
     """One latent + RoPE-key entry per token in the cache; `absorb` also folds kv_b_proj into the q and o
     projections at load, so none is left."""

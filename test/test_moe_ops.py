@@ -43,3 +43,13 @@ def test_rank_holding_none_of_the_chosen_experts_contributes_zeros(path):
     ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
     out = moe.fused_experts(x, torch.randn(2, 6, 8), torch.randn(2, 8, 3), torch.ones(3, 2), ids, first_expert=2)
     assert torch.equal(out, torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("group_by_max, expected_group", [(True, 0), (False, 1)])
+def test_groups_ranked_by_their_best_score_or_their_two_best(group_by_max, expected_group):
+    """Experts {0, 1} and {2, 3}: group 0 holds the best score, group 1 the best pair (DeepSeek-V2 ranks
+    by the first, V3 by the second); one group stays eligible, and both picks come from it."""
+    scores = torch.tensor([[0.4, 0.05, 0.3, 0.25]])
+    weights, ids = moe.select_experts(scores.log(), 2, "softmax", False, None, 2, 1, 1.0, group_by_max)
+    assert sorted(ids[0].tolist()) == ([0, 1] if expected_group == 0 else [2, 3])
+    torch.testing.assert_close(weights, scores.gather(1, ids))

@@ -324,10 +324,12 @@ def test_fused_moe_holding_some_experts(dtype, path):
     (8, 2, "softmax", True, False, 1, 1, 1.0), (60, 8, "softmax", False, False, 1, 1, 1.0),
     (128, 8, "softmax", True, False, 1, 1, 1.0), (160, 8, "sigmoid", True, True, 1, 1, 2.5),
     (256, 8, "sigmoid", True, True, 8, 4, 2.5), (64, 6, "softmax", False, False, 8, 3, 16.0)])
-def test_select_experts_kernel(tokens, experts, top_k, scoring, renormalize, bias, groups, top_groups, scaling):
+@pytest.mark.parametrize("group_by_max", [False, True])
+def test_select_experts_kernel(tokens, experts, top_k, scoring, renormalize, bias, groups, top_groups, scaling,
+                               group_by_max):
     logits = randn(tokens, experts, dtype=torch.float32)
     correction = randn(experts, dtype=torch.float32) / 10 if bias else None
-    args = (top_k, scoring, renormalize, correction, groups, top_groups, scaling)
+    args = (top_k, scoring, renormalize, correction, groups, top_groups, scaling, group_by_max)
     weights, ids = moe_routing.select_experts(logits, *args)
     expected_weights, expected_ids = ref_moe.select_experts(logits, *args)
     order, expected_order = ids.sort(dim=1), expected_ids.sort(dim=1)  # the same experts, in any order

@@ -1,4 +1,4 @@
-"""Mixture-of-experts decoders — Qwen3-MoE, Mixtral, GLM-4.5/4.5-Air (GQA attention), DeepSeek-V3
+"""Mixture-of-experts decoders — Qwen3-MoE, Mixtral, GLM-4.5/4.5-Air (GQA attention), DeepSeek-V2/V3
 (multi-head latent attention): in each layer either a dense gated MLP or a sparse MoE block, as the
 checkpoint's config says."""
 from __future__ import annotations
@@ -66,6 +66,21 @@ def glm4_moe(config: PretrainedConfig) -> LayerBuilders:
 
 def mla_attention(ctx: ModelContext, index: int, prefix: str, rotary: RotaryEmbedding) -> MLAAttention:
     return MLAAttention(ctx, prefix, rotary)
+
+
+def deepseek_v2(config: PretrainedConfig) -> LayerBuilders:
+    """Softmax scores, never renormalized; group_limited_greedy ranks the groups by their best score."""
+    grouped = config.topk_method == "group_limited_greedy"
+    router = RouterOptions(config.num_experts_per_tok, num_groups=config.n_group if grouped else 1,
+                           top_groups=config.topk_group if grouped else 1, group_by_max=True,
+                           scaling_factor=config.routed_scaling_factor)
+    shared = config.moe_intermediate_size * config.n_shared_experts
+    return LayerBuilders(
+        mla_attention,
+        moe_or_dense(lambda index: index >= config.first_k_dense_replace,
+                     lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts, config.moe_intermediate_size,
+                                                   router, shared)),
+        rope_interleaved=True)
 
 
 def deepseek_v3(config: PretrainedConfig) -> LayerBuilders:

@@ -41,6 +41,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture("hf-qwen-3-moe", moe.qwen3_moe),
     "MixtralForCausalLM": Architecture("hf-mixtral", moe.mixtral, _MIXTRAL_RENAMES),
     "Glm4MoeForCausalLM": Architecture("hf-glm-4-moe", moe.glm4_moe),
+    "DeepseekV2ForCausalLM": Architecture("deepseek-v3", moe.deepseek_v2),
     "DeepseekV3ForCausalLM": Architecture("deepseek-v3", moe.deepseek_v3),
 }
 MODEL_TYPES = sorted({a.model_type for a in ARCHITECTURES.values()})

@@ -24,13 +24,13 @@ def capturable(expert_weights: torch.Tensor) -> bool:
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
                    correction_bias: torch.Tensor | None, num_groups: int, top_groups: int,
-                   scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scaling_factor: float, group_by_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, top_k] float32, expert ids [T, top_k] int64) from float32 router logits (see torch_ref.moe)."""
     if triton_ops.enabled(router_logits) and router_logits.stride(1) == 1:
         return moe_routing.select_experts(router_logits, top_k, scoring, renormalize, correction_bias, num_groups,
-                                          top_groups, scaling_factor)
+                                          top_groups, scaling_factor, group_by_max)
     return ref.select_experts(router_logits, top_k, scoring, renormalize, correction_bias, num_groups, top_groups,
-                              scaling_factor)
+                              scaling_factor, group_by_max)
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,

@@ -20,7 +20,8 @@ class RouterOptions:
     renormalize: bool = False        # rescale the chosen weights to sum to 1 (Qwen3-MoE norm_topk_prob, Mixtral)
     correction_bias: bool = False    # e_score_correction_bias steers the choice (DeepSeek-V3, GLM-4.5)
     num_groups: int = 1              # n_group: experts ranked by group first ...
-    top_groups: int = 1              # topk_group: ... of which these many groups are eligible
+    top_groups: int = 1              # topk_group: ... of which these many groups are eligible, ...
+    group_by_max: bool = False       # ... ranked by their best score (DeepSeek-V2), not their two best
     scaling_factor: float = 1.0      # routed_scaling_factor, applied to the chosen weights
 
 
@@ -39,7 +40,7 @@ class Router(nn.Module):
         o = self.options
         logits = linear_ops.float_linear(x, self.weight)
         return moe_ops.select_experts(logits, o.top_k, o.scoring, o.renormalize, self.e_score_correction_bias,
-                                      o.num_groups, o.top_groups, o.scaling_factor)
+                                      o.num_groups, o.top_groups, o.scaling_factor, o.group_by_max)
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
         for name, param in self.named_parameters():

@@ -12,18 +12,20 @@ from chitu.ops.torch_ref.activation import silu_and_mul
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
                    correction_bias: torch.Tensor | None, num_groups: int, top_groups: int,
-                   scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scaling_factor: float, group_by_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [T, top_k] float32, expert ids [T, top_k] int64) from router logits [T, E] (float32).
 
     softmax: the top-k of the softmax over all experts (Qwen3-MoE, Mixtral). sigmoid: the top-k of
     sigmoid scores plus a correction bias, which only steers the choice, within the `top_groups` of
-    `num_groups` expert groups ranked by their two best biased scores (DeepSeek-V3, GLM-4.5).
+    `num_groups` expert groups ranked by their two best biased scores (DeepSeek-V3, GLM-4.5), or by
+    their best score alone when group_by_max (DeepSeek-V2's group_limited_greedy).
     """
     scores = router_logits.softmax(dim=-1) if scoring == "softmax" else router_logits.sigmoid()
     choice = scores if correction_bias is None else scores + correction_bias
     if num_groups > 1:
         groups = choice.view(choice.shape[0], num_groups, -1)
-        best_groups = groups.topk(2, dim=-1).values.sum(dim=-1).topk(top_groups, dim=-1).indices
+        group_scores = groups.amax(dim=-1) if group_by_max else groups.topk(2, dim=-1).values.sum(dim=-1)
+        best_groups = group_scores.topk(top_groups, dim=-1).indices
         keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
         choice = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
     ids = choice.topk(top_k, dim=-1).indices

@@ -17,8 +17,8 @@ def _first_max(values, offs, BLOCK: tl.constexpr):
 @triton.jit
 def _select_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_l, scaling,
                    TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
-                   GROUPS: tl.constexpr, TOP_GROUPS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_G: tl.constexpr):
+                   GROUPS: tl.constexpr, TOP_GROUPS: tl.constexpr, GROUP_BY_MAX: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
@@ -33,15 +33,17 @@ def _select_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stri
         choice += tl.load(bias_ptr + offs, mask=valid, other=0.0)
     choice = tl.where(valid, choice, float("-inf"))
     if GROUPS > 1:
-        # rank the groups by the sum of their two best scores; only the TOP_GROUPS best stay eligible
+        # rank the groups by the sum of their two best scores (or the best alone); only the TOP_GROUPS best
+        # stay eligible
         group_of = offs // (num_experts // GROUPS)
         group_offs = tl.arange(0, BLOCK_G)
         group_scores = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
         for g in tl.static_range(GROUPS):
             members = tl.where(group_of == g, choice, float("-inf"))
             first, at = _first_max(members, offs, BLOCK_E)
-            second = tl.max(tl.where(offs == at, float("-inf"), members), axis=0)
-            group_scores = tl.where(group_offs == g, first + second, group_scores)
+            if not GROUP_BY_MAX:
+                first += tl.max(tl.where(offs == at, float("-inf"), members), axis=0)
+            group_scores = tl.where(group_offs == g, first, group_scores)
         eligible = tl.zeros((BLOCK_E,), dtype=tl.int1)
         for _ in tl.static_range(TOP_GROUPS):
             _, g = _first_max(group_scores, group_offs, BLOCK_G)
@@ -67,7 +69,7 @@ def _select_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stri
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
                    correction_bias: torch.Tensor | None, num_groups: int, top_groups: int,
-                   scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scaling_factor: float, group_by_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """As chitu.ops.torch_ref.moe.select_experts, for float32 logits on CUDA (ties go to the lower index)."""
     num_tokens, num_experts = router_logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
@@ -78,7 +80,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
             router_logits, correction_bias if correction_bias is not None else router_logits, weights, ids,
             num_experts, router_logits.stride(0), scaling_factor, TOP_K=top_k, SOFTMAX=scoring == "softmax",
             HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, GROUPS=num_groups,
-            TOP_GROUPS=top_groups, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+            TOP_GROUPS=top_groups, GROUP_BY_MAX=group_by_max, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
             # one warp reduces by shuffles alone, no shared-memory round trips: the k picks are serial
             BLOCK_G=triton.next_power_of_2(num_groups), num_warps=max(1, block_e // 256))
     return weights, ids
