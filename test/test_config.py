@@ -65,6 +65,13 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("given", ["deepseek-r1", "DEEPSEEK-R1", "DeepSeek-R1"])
+def test_model_names_match_whatever_their_case(given):
+    config = compose_config([f"models={given}", "infer.mla_absorb=absorb-without-precomp",
+                             "infer.raise_lower_bit_float_to=bfloat16"])
+    assert (config.models.name, config.models.type) == ("DeepSeek-R1", "deepseek-v3")
+
+
 def test_unknown_model_and_missing_override_target():
     with pytest.raises(ConfigError, match="models/NoSuchModel"):
         compose_config(["models=NoSuchModel"])

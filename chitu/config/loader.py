@@ -40,12 +40,23 @@ def search_path_override(directory: str) -> list[str]:
     return [] if Path(directory) == CONFIG_DIR else [f"hydra.searchpath=[file://{CONFIG_DIR}]"]
 
 
+def model_name_case_insensitive(arg: str) -> str:
+    """`models=deepseek-r1` → `models=DeepSeek-R1`: a model is named as in chitu/config/models/, whatever
+    the case (as the benchmark's --model is)."""
+    key, sep, value = arg.partition("=")
+    if key != "models" or not sep or (CONFIG_DIR / "models" / f"{value}.yaml").is_file():
+        return arg
+    matches = [p.stem for p in (CONFIG_DIR / "models").glob("*.yaml") if p.stem.lower() == value.lower()]
+    return f"models={matches[0]}" if len(matches) == 1 else arg
+
+
 def compose_config(overrides: Sequence[str] = ()) -> ChituConfig:
     """The validated configuration for `overrides` (Hydra override grammar)."""
     directory, name = config_location()
+    overrides = [model_name_case_insensitive(arg) for arg in overrides]
     try:
         with initialize_config_dir(config_dir=directory, version_base=None):
-            cfg = compose(config_name=name, overrides=list(overrides) + search_path_override(directory))
+            cfg = compose(config_name=name, overrides=overrides + search_path_override(directory))
     except HydraException as e:
         raise ConfigError(str(e)) from None
     return validate_config(cfg)
@@ -60,7 +71,8 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
         except ConfigError as e:
             sys.exit(f"config error: {e}")
         secrets = [arg for arg in sys.argv[1:] if _is_secret_override(arg)]
-        sys.argv = [arg for arg in sys.argv if arg not in secrets] + search_path_override(directory)
+        sys.argv = ([model_name_case_insensitive(arg) for arg in sys.argv if arg not in secrets]
+                    + search_path_override(directory))
 
         @hydra.main(config_path=directory, config_name=name, version_base=None)
         @functools.wraps(task)
