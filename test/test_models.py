@@ -193,6 +193,29 @@ def test_mla_absorbed_into_a_latent_cache_matches_transformers(family, mla_absor
         assert error <= 1e-4, f"step {step} (0 = prefill)"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(family):
+    hf_model = family.hf_model
+    chitu_bf16 = load_tiny(family.path, family.model_type, "cuda", torch.bfloat16)
+    hf_fp32 = copy.deepcopy(hf_model).to("cuda")
+    hf_bf16 = copy.deepcopy(hf_model).to("cuda", torch.bfloat16)
+    for step, (chitu_error, hf_error) in enumerate(run_prefill_and_decode(chitu_bf16, [hf_fp32, hf_bf16], "cuda")):
+        assert chitu_error <= max(2 * hf_error, 2e-2), f"step {step}: chitu {chitu_error:.4f}, hf bf16 {hf_error:.4f}"
+
+
+def test_unsupported_architecture_and_type_mismatch_are_clear(tmp_path):
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    reader = open_checkpoint(str(tmp_path / "gpt2"))
+    with pytest.raises(UnsupportedModelError, match="unsupported model architecture.*GPT2LMHeadModel"):
+        load_model(reader, "hf-llama", 64, torch.device("cpu"), torch.float32)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY))
+    qwen3.save_pretrained(tmp_path / "qwen3")
+    reader = open_checkpoint(str(tmp_path / "qwen3"))
+    with pytest.raises(UnsupportedModelError, match="models.type=hf-glm-z1 but the checkpoint is Qwen3ForCausalLM"):
+        load_model(reader, "hf-glm-z1", 64, torch.device("cpu"), torch.float32)
+
+
 # The tensor names of the published checkpoints (Qwen3-30B-A3B, Mixtral-8x7B-Instruct-v0.1, GLM-4.5):
 # experts one by one, the router as `gate`, GLM's shared experts and correction bias.
 PUBLISHED_NAMES = {
