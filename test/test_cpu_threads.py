@@ -12,12 +12,13 @@ from chitu.config import compose_config
 from chitu.platform import configure_cpu_threads, physical_cores
 
 CPU = torch.device("cpu")
+# one write(2) per rank: two ranks' print() pieces interleave on the shared stdout when it is unbuffered
 PRINT_THREADS = """
-import sys, torch
+import os, sys, torch
 from chitu.config import compose_config
 from chitu.platform import configure_cpu_threads
 configure_cpu_threads(compose_config(sys.argv[1:]), torch.device("cpu"))
-print("threads", torch.get_num_threads(), flush=True)
+os.write(1, f"threads {torch.get_num_threads()}\\n".encode())
 """
 
 
