@@ -8,8 +8,9 @@ import safetensors.torch
 import torch
 import transformers
 
+from chitu.checkpoint import Shard, open_checkpoint
 from chitu.quant.config import UnsupportedQuantizationError
-from chitu.quant.fp8_block import dequantize_blocks
+from chitu.quant.fp8_block import Fp8BlockDequantizedMethod, dequantize_blocks
 from test_models import FAMILIES, TINY, load_tiny, randomize, run_prefill_and_decode
 
 BLOCK = (128, 128)
@@ -85,3 +86,17 @@ def test_fp8_weights_without_a_way_to_run_them_are_refused(fp8_checkpoint):
     path, _, model_type = fp8_checkpoint
     with pytest.raises(UnsupportedQuantizationError, match="set infer.raise_lower_bit_float_to=bfloat16"):
         load_tiny(path, model_type, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("shard", [Shard(0, 100, 90), Shard(0, 256, 32), Shard(1, 30, 130), Shard(1, 128, 72)])
+def test_a_shard_reads_only_its_blocks_and_equals_the_whole_cut(tmp_path, shard):
+    """Tensor-parallel ranks read the blocks holding their rows or columns (unaligned, or in the partial
+    last block) and get what dequantizing the whole weight and cutting it gives."""
+    weight, scale = quantize_blocks(torch.randn(288, 200))
+    safetensors.torch.save_file({"proj.weight": weight, "proj.weight_scale_inv": scale}, tmp_path / "m.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    target = torch.empty(0)
+    with open_checkpoint(str(tmp_path)) as reader:
+        part = Fp8BlockDequantizedMethod(BLOCK).read_part(reader, "proj", shard, target)
+    whole = dequantize_blocks(weight, scale, BLOCK)
+    assert torch.equal(part, whole.narrow(shard.dim, shard.start, shard.length))

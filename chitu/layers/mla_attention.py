@@ -54,8 +54,7 @@ class MLAAttention(nn.Module):
         config, state, dtype = ctx.config, parallel_state(), ctx.dtype
         if ctx.mla_absorb not in MLA_ABSORB_MODES:
             raise ConfigError(f"infer.mla_absorb={ctx.mla_absorb} is not one of {MLA_ABSORB_MODES}")
-        self.absorb = ctx.mla_absorb != "none"
-        self.fold_at_load = ctx.mla_absorb == "absorb"
+        self.mla_absorb = ctx.mla_absorb
         self.folded = False  # set once after_loading has folded kv_b_proj away
         heads = head_shard(config.num_attention_heads, config.num_attention_heads, state.tp_size, state.tp_rank).q_heads
         self.num_heads = heads.length
@@ -88,8 +87,9 @@ class MLAAttention(nn.Module):
                                         dtype, method(f"{prefix}.o_proj"))
         self.rotary = rotary
         scale = softmax_scale(config)
-        self.attn = (LatentPagedAttention(self.num_heads, self.kv_lora_rank, self.rope, scale, dtype) if self.absorb
-                     else PagedAttention(self.num_heads, self.num_heads, q_width, scale, dtype, self.v_dim))
+        self.attn = (PagedAttention(self.num_heads, self.num_heads, q_width, scale, dtype, self.v_dim)
+                     if self.mla_absorb == "none" else
+                     LatentPagedAttention(self.num_heads, self.kv_lora_rank, self.rope, scale, dtype))
 
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, heads, nope + rope], or once folded [T, heads, kv_lora_rank + rope]."""
@@ -104,7 +104,7 @@ class MLAAttention(nn.Module):
     def after_loading(self) -> None:
         """mla_absorb=absorb: fold kv_b_proj's K half into the q projection (per head, q_nope's rows become
         W_UK^T W_q_nope) and its V half into o_proj (W_o W_UV), in float32, then drop kv_b_proj."""
-        if not self.fold_at_load or self.folded:
+        if self.mla_absorb != "absorb" or self.folded:
             return
         w_k, w_v = (w.float() for w in self._expansion())
         q_layer = self.q_b_proj if self.q_lora else self.q_proj
@@ -126,10 +126,10 @@ class MLAAttention(nn.Module):
         pe = self.rotary(rope, torch.cat((q[..., -self.rope:], k_pe[:, None]), dim=1))
         q_pe, k_pe = pe[:, : self.num_heads], pe[:, self.num_heads]
         q_nope = q[..., : -self.rope]
-        if self.absorb:
-            out = self._absorbed(q_nope, q_pe, torch.cat((latent, k_pe), dim=-1), meta)
-        else:
+        if self.mla_absorb == "none":
             out = self._expanded(q_nope, q_pe, latent, k_pe, meta)
+        else:
+            out = self._absorbed(q_nope, q_pe, torch.cat((latent, k_pe), dim=-1), meta)
         return self.o_proj(out.flatten(1))
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,

@@ -46,22 +46,27 @@ def mixtral(config: PretrainedConfig) -> LayerBuilders:
                                                                        config.intermediate_size, router)))
 
 
-def grouped_sigmoid_moe(config: PretrainedConfig) -> MLPBuilder:
-    """GLM-4.5's and DeepSeek-V3's: dense below first_k_dense_replace, then sigmoid scores steered by a
-    correction bias, top-k within the best groups, scaled, beside shared experts."""
-    router = RouterOptions(config.num_experts_per_tok, scoring="sigmoid", renormalize=config.norm_topk_prob,
-                           correction_bias=True, num_groups=config.n_group, top_groups=config.topk_group,
-                           scaling_factor=config.routed_scaling_factor)
+def shared_expert_moe(config: PretrainedConfig, router: RouterOptions) -> MLPBuilder:
+    """GLM-4.5's and DeepSeek's layout: dense below first_k_dense_replace, then routed experts beside
+    always-on shared experts."""
     shared = config.moe_intermediate_size * config.n_shared_experts
     return moe_or_dense(lambda index: index >= config.first_k_dense_replace,
                         lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts,
                                                       config.moe_intermediate_size, router, shared))
 
 
+def grouped_sigmoid_router(config: PretrainedConfig) -> RouterOptions:
+    """GLM-4.5's and DeepSeek-V3's: sigmoid scores steered by a correction bias, top-k within the groups
+    holding the best pairs, scaled."""
+    return RouterOptions(config.num_experts_per_tok, scoring="sigmoid", renormalize=config.norm_topk_prob,
+                         correction_bias=True, num_groups=config.n_group, top_groups=config.topk_group,
+                         scaling_factor=config.routed_scaling_factor)
+
+
 def glm4_moe(config: PretrainedConfig) -> LayerBuilders:
     return LayerBuilders(
         gqa_attention(AttentionOptions(qkv_bias=config.attention_bias, qk_norm=config.use_qk_norm)),
-        grouped_sigmoid_moe(config))
+        shared_expert_moe(config, grouped_sigmoid_router(config)))
 
 
 def mla_attention(ctx: ModelContext, index: int, prefix: str, rotary: RotaryEmbedding) -> MLAAttention:
@@ -74,15 +79,9 @@ def deepseek_v2(config: PretrainedConfig) -> LayerBuilders:
     router = RouterOptions(config.num_experts_per_tok, num_groups=config.n_group if grouped else 1,
                            top_groups=config.topk_group if grouped else 1, group_by_max=True,
                            scaling_factor=config.routed_scaling_factor)
-    shared = config.moe_intermediate_size * config.n_shared_experts
-    return LayerBuilders(
-        mla_attention,
-        moe_or_dense(lambda index: index >= config.first_k_dense_replace,
-                     lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts, config.moe_intermediate_size,
-                                                   router, shared)),
-        rope_interleaved=True)
+    return LayerBuilders(mla_attention, shared_expert_moe(config, router), rope_interleaved=True)
 
 
 def deepseek_v3(config: PretrainedConfig) -> LayerBuilders:
-    return LayerBuilders(mla_attention, grouped_sigmoid_moe(config),
+    return LayerBuilders(mla_attention, shared_expert_moe(config, grouped_sigmoid_router(config)),
                          rope_interleaved=getattr(config, "rope_interleave", True))

@@ -4,11 +4,10 @@ import torch
 
 from chitu.ops import triton as triton_ops
 from chitu.ops.torch_ref import rotary as ref
+from chitu.ops.torch_ref.rotary import HeadNorm
 
 if triton_ops.AVAILABLE:
     from chitu.ops.triton import rotary as kernels
-
-HeadNorm = tuple[torch.Tensor, torch.Tensor, int, float]  # (weight of heads < split, of the others, split, eps)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,

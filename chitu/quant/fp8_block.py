@@ -6,10 +6,8 @@ embedding) load as they are."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from chitu.checkpoint import CheckpointReader, Shard
-from chitu.layers.loadable import copy_into
 from chitu.quant.linear_method import UnquantizedLinearMethod
 
 
@@ -24,17 +22,20 @@ class Fp8BlockDequantizedMethod(UnquantizedLinearMethod):
     def __init__(self, block: tuple[int, int]):
         self.block = block
 
-    def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
-             expert: int | None = None) -> None:
-        target = layer.weight if expert is None else layer.weight[expert]
-        rows = [self._read(reader, prefix, shard, target) for prefix, shard in parts]
-        copy_into(target, rows[0] if len(rows) == 1 else torch.cat(rows, dim=0), f"{parts[0][0]}.weight")
-
-    def _read(self, reader: CheckpointReader, prefix: str, shard: Shard | None, target: torch.Tensor) -> torch.Tensor:
+    def read_part(self, reader: CheckpointReader, prefix: str, shard: Shard | None, target: torch.Tensor) -> torch.Tensor:
+        """Only the whole blocks holding the shard are read and dequantized, then cut to it."""
         if not reader.has(f"{prefix}.weight_scale_inv"):
-            return reader.read(f"{prefix}.weight", target.dtype, target.device, shard)
-        weight = reader.read_raw(f"{prefix}.weight", device=target.device).data
-        scale_inv = reader.read_raw(f"{prefix}.weight_scale_inv", device=target.device).data
-        full = dequantize_blocks(weight, scale_inv, self.block)
-        part = full if shard is None else full.narrow(shard.dim, shard.start, shard.length)
+            return super().read_part(reader, prefix, shard, target)
+        name = f"{prefix}.weight"
+        weight_shard = scale_shard = None
+        if shard is not None:
+            size = self.block[shard.dim]
+            first, end = shard.start // size, -(-(shard.start + shard.length) // size)
+            scale_shard = Shard(shard.dim, first, end - first)
+            stop = min(end * size, reader.shape(name)[shard.dim])  # the last block may be partial
+            weight_shard = Shard(shard.dim, first * size, stop - first * size)
+        weight = reader.read_raw(name, weight_shard, target.device).data
+        scale_inv = reader.read_raw(f"{prefix}.weight_scale_inv", scale_shard, target.device).data
+        blocks = dequantize_blocks(weight, scale_inv, self.block)
+        part = blocks if shard is None else blocks.narrow(shard.dim, shard.start - weight_shard.start, shard.length)
         return part.to(target.dtype)

@@ -45,8 +45,12 @@ class UnquantizedLinearMethod(LinearMethod):
     def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
              expert: int | None = None) -> None:
         target = layer.weight if expert is None else layer.weight[expert]
-        rows = [reader.read(f"{prefix}.weight", target.dtype, target.device, shard) for prefix, shard in parts]
+        rows = [self.read_part(reader, prefix, shard, target) for prefix, shard in parts]
         copy_into(target, rows[0] if len(rows) == 1 else torch.cat(rows, dim=0), f"{parts[0][0]}.weight")
+
+    def read_part(self, reader: CheckpointReader, prefix: str, shard: Shard | None, target: torch.Tensor) -> torch.Tensor:
+        """The weight of module `prefix` cut to `shard`, in the target's dtype and on its device."""
+        return reader.read(f"{prefix}.weight", target.dtype, target.device, shard)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)

@@ -133,10 +133,11 @@ def create_app(async_engine: AsyncEngine, config: ChituConfig, metrics: ServeMet
     app.add_middleware(HTTPGuards, max_body_bytes=config.serve.max_body_bytes,
                        max_in_progress=config.serve.max_connections)
 
+    chat_format = functools.partial(ChatFormat, reasoning_parser=config.models.reasoning_parser)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, priority: int = Depends(keys.priority)) -> Response:
         body, prompt = await service.prepare(await request.body(), ChatCompletionRequest)
-        chat_format = functools.partial(ChatFormat, reasoning_parser=config.models.reasoning_parser)
         return await service.generate(request, body, prompt, chat_format, "chatcmpl", priority)
 
     @app.post("/v1/completions")

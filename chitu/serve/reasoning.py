@@ -8,7 +8,6 @@ Tags split across streamed pieces are held back until they are whole.
 from __future__ import annotations
 
 OPEN, CLOSE = "<think>", "</think>"
-PARSERS = ("deepseek_r1", "qwen3")
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -2,9 +2,11 @@ import torch
 
 from chitu.ops.torch_ref.norm import rms_norm
 
+HeadNorm = tuple[torch.Tensor, torch.Tensor, int, float]  # (weight of heads < split, of the others, split, eps)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-                 norm: tuple[torch.Tensor, torch.Tensor, int, float] | None = None) -> torch.Tensor:
+                 norm: HeadNorm | None = None) -> torch.Tensor:
     """Rotate the first 2*cos.shape[-1] channels of x [T, heads, head_dim]; cos/sin are [T, rotary_dim/2].
     norm (low weight, high weight, split, eps): first RMS-normalise heads < split by one weight, the rest
     by the other."""

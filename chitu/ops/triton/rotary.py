@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.torch_ref.rotary import HeadNorm
+
 HEADS_PER_PROGRAM = 16
 
 
@@ -84,7 +86,7 @@ def _rounded(x, dtype: tl.constexpr):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                  out: torch.Tensor | None = None,
-                 norm: tuple[torch.Tensor, torch.Tensor, int, float] | None = None) -> torch.Tensor:
+                 norm: HeadNorm | None = None) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] (rows may be strided; last dim contiguous) by cos/sin [T, rotary_dim/2].
     norm (low weight, high weight, split, eps): RMS-normalise each head first, heads < split by the low
     weight [head_dim] and the others by the high one."""
