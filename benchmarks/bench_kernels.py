@@ -157,7 +157,8 @@ def moe_cases() -> list[Case]:
 
 
 def decode_projection_cases() -> list[Case]:
-    return [gemv_case("LM head", 128256, 4096), gemv_case("o_proj", 4096, 4096), gemv_case("down_proj", 4096, 14336),
+    return [gemv_case("LM head", 128256, 4096), gemv_case("qkv_proj", 6144, 4096), gemv_case("o_proj", 4096, 4096),
+            gemv_case("gate_up_proj", 28672, 4096), gemv_case("down_proj", 4096, 14336),
             gemv_case("Qwen3-30B-A3B qkv", 5120, 2048), gemv_case("Qwen3-30B-A3B o_proj", 2048, 4096),
             router_case(128, 2048)]
 

@@ -1,5 +1,6 @@
 """The GPU checks in one call: Triton kernels against their torch references, every model family in
-bf16 on CUDA against transformers, CUDA-graph decode against eager. Prints a summary table.
+bf16 on CUDA against transformers, CUDA-graph decode against eager, an MoE model under torchrun on one
+GPU. Prints a summary table.
 
     python benchmarks/gpu_check.py
 """
@@ -10,7 +11,8 @@ from tempfile import TemporaryDirectory
 
 import pytest
 
-SUITES = ["test/test_triton_ops.py", "test/test_models.py", "test/test_cuda_graph.py", "test/test_sampler.py"]
+SUITES = ["test/test_triton_ops.py", "test/test_models.py", "test/test_cuda_graph.py", "test/test_sampler.py",
+          "test/test_distributed.py::test_moe_under_torchrun_on_one_gpu_matches_plain_python"]
 
 
 def main() -> int:

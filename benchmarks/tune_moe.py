@@ -39,14 +39,17 @@ def time_config(inputs, config: MoEConfig) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fused_moe.fused_experts(*inputs, config=config)
-        return triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median")
+        return triton.testing.do_bench(graph.replay, warmup=2, rep=6, return_mode="median")
     except triton.runtime.errors.OutOfResources:
         return float("inf")
 
 
 def candidates_for(tokens: int, slots_per_expert: float) -> list[MoEConfig]:
-    """Row blocks far larger than an expert's share of the slots only pad: skip them."""
-    blocks = [c for c in CANDIDATES if c.block_m <= max(16, 2 * triton.next_power_of_2(int(slots_per_expert)))]
+    """Row blocks far larger than an expert's share of the slots only pad, and the smallest ones starve
+    the tensor cores once every expert has many rows: skip them."""
+    largest = max(16, 2 * triton.next_power_of_2(int(slots_per_expert)))
+    smallest = 32 if slots_per_expert >= 64 else 16
+    blocks = [c for c in CANDIDATES if smallest <= c.block_m <= largest]
     return (GEMV_CANDIDATES if tokens <= GEMV_TOKENS else []) + blocks
 
 

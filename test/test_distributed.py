@@ -69,9 +69,10 @@ def model_args(name: str, path: str) -> list[str]:
     return [f"models.ckpt_dir={path}", f"models.type={MODEL_TYPES.get(name, 'hf-llama')}"]
 
 
-def generate(tmp_path: Path, nproc: int, overrides: list[str]) -> list[dict]:
-    out = tmp_path / f"out_{nproc}_{abs(hash(tuple(overrides)))}.json"
-    launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", "--nproc_per_node", str(nproc)]
+def generate(tmp_path: Path, nproc: int, overrides: list[str], torchrun: bool = False) -> list[dict]:
+    out = tmp_path / f"out_{nproc}_{torchrun}_{abs(hash(tuple(overrides)))}.json"
+    torchrun = torchrun or nproc > 1
+    launcher = ["torchrun", "--standalone", "--nproc_per_node", str(nproc)] if torchrun else [sys.executable]
     proc = process_tree.run(launcher + [str(SCRIPT), str(out), *ENGINE, *overrides], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -113,6 +114,15 @@ LAYOUTS = [
     # MLA heads split over the ranks, kv_b_proj folded per rank, the latent cache (the reference: mla_absorb=none)
     ("deepseek-v3", 2, ["infer.tp_size=2", "infer.ep_size=2", "infer.mla_absorb=absorb"]),
 ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_under_torchrun_on_one_gpu_matches_plain_python(checkpoints, tmp_path):
+    """One GPU, `torchrun --nproc_per_node 1`: the expert-parallel placement with ep_size=1 and the fused
+    MoE kernels under CUDA graphs (bf16: fp32 MoE runs the torch reference) give what a plain process gives."""
+    args = model_args("qwen3-moe", checkpoints["qwen3-moe"]) + ["device=cuda", "dtype=bfloat16", "infer.ep_size=1",
+                                                                "infer.use_cuda_graph=True"]
+    assert_same_generation(generate(tmp_path, 1, args, torchrun=True), generate(tmp_path, 1, args))
 
 
 @pytest.mark.parametrize("model,nproc,layout", LAYOUTS, ids=[f"{m}-{'-'.join(o[:2])}" for m, _, o in LAYOUTS])

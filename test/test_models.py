@@ -203,6 +203,23 @@ def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(fami
         assert chitu_error <= max(2 * hf_error, 2e-2), f"step {step}: chitu {chitu_error:.4f}, hf bf16 {hf_error:.4f}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_sequence_on_cuda_matches_transformers(family):
+    """A lone sequence decodes one row a step: there every norm folds into the GEMV after it (the
+    attention's qkv, the router or the MLP's gate/up), fp32 against transformers."""
+    model = load_tiny(family.path, family.model_type, "cuda", torch.float32)
+    hf_model = copy.deepcopy(family.hf_model).to("cuda")
+    sequence = torch.randint(0, TINY["vocab_size"], (PROMPT_LENS[1],), generator=torch.Generator().manual_seed(2)).tolist()
+    run = PagedRun(model, 1, len(sequence) + DECODE_STEPS, "cuda")
+    logits = run.step({0: sequence})
+    for step in range(DECODE_STEPS + 1):
+        expected = hf_last_logits(hf_model, [sequence])
+        assert relative_error(logits, expected) <= 1e-4, f"step {step} (0 = prefill)"
+        if step < DECODE_STEPS:
+            sequence.append(int(expected[0].argmax()))
+            logits = run.step({0: sequence[-1:]})
+
+
 def test_unsupported_architecture_and_type_mismatch_are_clear(tmp_path):
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     gpt2.save_pretrained(tmp_path / "gpt2")

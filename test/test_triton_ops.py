@@ -128,6 +128,22 @@ def test_gemv(dtype, n, k):
     assert_close(out, torch.nn.functional.linear(x.float(), w.float()), ELEMENTWISE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,weight_dtype", [(7, 3, None), (1000, 1037, None), (5120, 2048, None),
+                                              (128, 2048, torch.float32)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_gemv(dtype, n, k, weight_dtype, with_residual):
+    """The residual add and RMSNorm folded into the GEMV: the sum exact, the norm and product as unfused."""
+    weight_dtype = weight_dtype or dtype
+    x, residual = randn(1, k, dtype=dtype), 4 * randn(1, k, dtype=dtype) if with_residual else None
+    norm_weight, w = randn(k, dtype=dtype), randn(n, k, dtype=weight_dtype) / k**0.5
+    out, normed, summed = gemv.norm_gemv(x, residual, norm_weight, 1e-6, w, out=poisoned((1, n), weight_dtype))
+    expected_sum = x if residual is None else x + residual
+    assert torch.equal(summed, expected_sum)
+    assert_close(normed, ref_norm.rms_norm(expected_sum, norm_weight, 1e-6), ELEMENTWISE_TOL[dtype])
+    assert_close(out, torch.nn.functional.linear(normed.float(), w.float()), ELEMENTWISE_TOL[dtype])
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("n,k", [(128, 2048), (60, 1037)])
 def test_float_linear_of_a_router(tokens, n, k):

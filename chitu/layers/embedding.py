@@ -14,7 +14,7 @@ from chitu.distributed.comm import tp_all_gather, tp_all_reduce
 from chitu.distributed.parallel_state import parallel_state
 from chitu.distributed.sharding import vocab_shard
 from chitu.layers.loadable import copy_into
-from chitu.ops.linear import wide_linear
+from chitu.ops.linear import linear
 
 
 class VocabParallelRows(nn.Module):
@@ -58,7 +58,7 @@ class LMHead(VocabParallelRows):
             self.weight = tied_to.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_all_gather(wide_linear(hidden, self.weight))
+        logits = tp_all_gather(linear(hidden, self.weight))
         return logits[:, : self.vocab_size].float()
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:

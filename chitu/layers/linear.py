@@ -14,6 +14,7 @@ from chitu.checkpoint import CheckpointReader, Shard
 from chitu.distributed.comm import tp_all_reduce
 from chitu.distributed.sharding import Span
 from chitu.layers.loadable import copy_into, sibling
+from chitu.layers.norm import PendingNorm
 from chitu.quant.linear_method import UNQUANTIZED, LinearMethod
 
 
@@ -31,7 +32,9 @@ class ColumnParallelLinear(nn.Module):
         method.create_weights(self, sum(self.out_splits), in_features, dtype)
         self.bias = nn.Parameter(torch.empty(sum(self.out_splits), dtype=dtype), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
+        if isinstance(x, PendingNorm):
+            return self.method.apply_normed(self, x, self.bias)
         return self.method.apply(self, x, self.bias)
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:

@@ -8,6 +8,7 @@ from chitu.distributed.parallel_state import parallel_state
 from chitu.distributed.sharding import Span, balanced_span
 from chitu.layers.linear import ColumnParallelLinear, RowParallelLinear
 from chitu.layers.context import ModelContext
+from chitu.layers.norm import PendingNorm
 from chitu.ops.activation import silu_and_mul
 
 
@@ -31,5 +32,7 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(columns, hidden, bias, ctx.dtype, ctx.quant.linear_method(f"{prefix}.down_proj"),
                                            reduce_results=reduce_results)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_pending_norm = True  # gate_up_proj folds the norm before it (layers/norm.py)
+
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -10,7 +10,7 @@ from chitu.distributed.parallel_state import parallel_state
 from chitu.distributed.sharding import Span, head_shard
 from chitu.layers.attention import PagedAttention
 from chitu.layers.linear import ColumnParallelLinear, RowParallelLinear
-from chitu.layers.norm import RMSNorm
+from chitu.layers.norm import PendingNorm, RMSNorm
 from chitu.layers.rotary import RotaryEmbedding
 from chitu.layers.context import ModelContext
 from chitu.ops.attention_metadata import AttentionMetadata
@@ -48,7 +48,10 @@ class SelfAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, dtype)
 
-    def forward(self, hidden: torch.Tensor, meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    takes_pending_norm = True  # qkv_proj folds the norm before it (layers/norm.py)
+
+    def forward(self, hidden: torch.Tensor | PendingNorm, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q_size, k_size, _ = self.qkv_proj.out_splits
         heads = self.num_heads + self.num_kv_heads

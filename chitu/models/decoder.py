@@ -18,7 +18,7 @@ from chitu.distributed.parallel_state import parallel_state
 from chitu.distributed.sharding import stage_layers
 from chitu.layers.context import ModelContext
 from chitu.layers.embedding import Embedding, LMHead
-from chitu.layers.norm import RMSNorm
+from chitu.layers.norm import PendingNorm, RMSNorm
 from chitu.layers.rotary import RotaryEmbedding
 from chitu.ops.attention_metadata import AttentionMetadata
 
@@ -49,19 +49,27 @@ class DecoderLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Takes and returns (branch output, residual stream) so each add fuses into the next norm."""
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, meta, rope)
+        """Takes and returns (branch output, residual stream) so each add fuses into the next norm, and
+        that norm into the projection after it where the branch takes a pending norm."""
+        hidden, residual = self._branch(self.self_attn, self.input_layernorm, hidden, residual, meta, rope)
         if self.post_self_attn_layernorm is not None:
             hidden = self.post_self_attn_layernorm(hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        hidden = self.mlp(hidden)
+        hidden, residual = self._branch(self.mlp, self.post_attention_layernorm, hidden, residual)
         if self.post_mlp_layernorm is not None:
             hidden = self.post_mlp_layernorm(hidden)
         return hidden, residual
+
+    @staticmethod
+    def _branch(branch: nn.Module, norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None,
+                *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """(branch(norm(hidden + residual)), hidden + residual); the residual is hidden itself at the first layer."""
+        if getattr(branch, "takes_pending_norm", False):
+            pending = PendingNorm(norm, hidden, residual)
+            return branch(pending, *args), pending.summed
+        if residual is None:
+            return branch(norm(hidden), *args), hidden
+        hidden, residual = norm(hidden, residual)
+        return branch(hidden, *args), residual
 
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]  # (branch output, residual stream) between pipeline stages

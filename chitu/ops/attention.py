@@ -12,7 +12,9 @@ if triton_ops.AVAILABLE:
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    if triton_ops.enabled(k) and k_cache.is_contiguous():
+    """k [T, kv_heads, head_dim] and v [T, kv_heads, head_dim_v] into their slots; the kernel takes
+    equal widths (MLA's expanded keys are wider than its values)."""
+    if triton_ops.enabled(k) and k_cache.is_contiguous() and k.shape[-1] == v.shape[-1]:
         kv_store.store_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
         ref.store_kv(k, v, k_cache, v_cache, slot_mapping)

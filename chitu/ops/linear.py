@@ -16,10 +16,21 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight)
 
 
-def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T for a matrix as wide as a vocabulary; a single row on CUDA goes through the Triton GEMV
-    (benchmarks/bench_kernels.py on an H100: 354 µs against cuBLAS's 382 µs for a 128256 x 4096 LM
-    head; no faster for the decoder's own, smaller projections, which therefore stay on F.linear)."""
-    if x.shape[0] == 1 and triton_ops.enabled(x):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b). A single row on CUDA (a batch-1 decode step) takes the Triton GEMV, which streams
+    the weight nearer the copy rate than cuBLAS does (benchmarks/bench_kernels.py, "gemv" rows)."""
+    if bias is None and x.dim() == 2 and x.shape[0] == 1 and weight.stride(-1) == 1 and triton_ops.enabled(x):
         return kernels.gemv(x, weight)
-    return F.linear(x, weight)
+    return F.linear(x, weight, bias)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, out_dtype: torch.dtype | None = None) \
+        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(normed W^T, normed, x + residual) with normed = rms_norm(x + residual), in one launch for a
+    single row on CUDA (the Triton GEMV normalises the row itself); None elsewhere."""
+    if not (x.dim() == 2 and x.shape[0] == 1 and weight.stride(-1) == 1 and norm_weight.dtype == x.dtype
+            and triton_ops.enabled(x)):
+        return None
+    out = torch.empty(1, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    return kernels.norm_gemv(x, residual, norm_weight, eps, weight, out=out)

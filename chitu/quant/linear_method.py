@@ -8,13 +8,17 @@ their own kernels; the unquantized method holds a dense matrix in the compute dt
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chitu.checkpoint import CheckpointReader, Shard
 from chitu.layers.loadable import copy_into
+from chitu.ops import linear as linear_ops
+
+if TYPE_CHECKING:
+    from chitu.layers.norm import PendingNorm
 
 
 class LinearMethod(ABC):
@@ -32,6 +36,10 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias)."""
+
+    def apply_normed(self, layer: nn.Module, x: PendingNorm, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """apply() to an input whose RMSNorm is still pending (layers/norm.py)."""
+        return self.apply(layer, x.normed, bias)
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -53,7 +61,12 @@ class UnquantizedLinearMethod(LinearMethod):
         return reader.read(f"{prefix}.weight", target.dtype, target.device, shard)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return linear_ops.linear(x, layer.weight, bias)
+
+    def apply_normed(self, layer: nn.Module, x: PendingNorm, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight lets the norm fold into a single-row GEMV."""
+        folded = x.project(layer.weight) if bias is None else None
+        return folded if folded is not None else self.apply(layer, x.normed, bias)
 
 
 UNQUANTIZED = UnquantizedLinearMethod()

@@ -9,6 +9,7 @@ from torch import nn
 
 from chitu.checkpoint import CheckpointReader
 from chitu.layers.loadable import copy_into
+from chitu.layers.norm import PendingNorm
 from chitu.ops import linear as linear_ops
 from chitu.ops import moe as moe_ops
 
@@ -35,10 +36,12 @@ class Router(nn.Module):
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
                                         if options.correction_bias else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, top_k] float32, expert ids [T, top_k])."""
         o = self.options
-        logits = linear_ops.float_linear(x, self.weight)
+        logits = x.project(self.weight, torch.float32) if isinstance(x, PendingNorm) else None
+        if logits is None:
+            logits = linear_ops.float_linear(x.normed if isinstance(x, PendingNorm) else x, self.weight)
         return moe_ops.select_experts(logits, o.top_k, o.scoring, o.renormalize, self.e_score_correction_bias,
                                       o.num_groups, o.top_groups, o.scaling_factor, o.group_by_max)
 

@@ -13,6 +13,7 @@ from chitu.distributed.expert_placement import ExpertPlacement
 from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.context import ModelContext
 from chitu.layers.mlp import GatedMLP
+from chitu.layers.norm import PendingNorm
 from chitu.layers.moe.experts import StackedExperts
 from chitu.layers.moe.router import Router, RouterOptions
 from chitu.ops import moe as moe_ops
@@ -33,8 +34,12 @@ class SparseMoE(nn.Module):
         """Whether a CUDA graph can capture this block (runner/cuda_graph.py): not on the torch reference."""
         return moe_ops.capturable(self.experts.gate_up.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_pending_norm = True  # the router folds the norm before it (layers/norm.py)
+
+    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
         weights, ids = self.gate(x)
+        if isinstance(x, PendingNorm):
+            x = x.normed
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

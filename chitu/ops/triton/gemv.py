@@ -1,5 +1,8 @@
-"""y = x W^T for a single row x: a batch-1 decode step's LM head, where cuBLAS streams the huge
-vocabulary matrix ~10% below the copy rate. Each program reduces a band of W's rows in fp32."""
+"""y = x W^T for a single row x: the projections of a batch-1 decode step, where cuBLAS reads the
+smaller matrices well below the copy rate. Each program reduces a band of W's rows in fp32.
+
+`norm_gemv` also applies the (residual add and) RMSNorm before the product: every program normalises
+the one row itself, so the norm costs no launch of its own."""
 import torch
 import triton
 import triton.language as tl
@@ -7,30 +10,84 @@ import triton.language as tl
 CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for bn, bk, w, s in [(8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (4, 1024, 4, 3),
                                 (8, 512, 8, 4), (32, 256, 8, 3), (16, 1024, 8, 3),
+                                # few rows a program: enough programs for the small matrices of MoE models
+                                (4, 512, 4, 4), (2, 1024, 4, 4), (4, 2048, 8, 3), (2, 2048, 8, 3),
                                 # few rows (an MoE router's 128 experts): one or two rows a program
                                 (1, 2048, 4, 2), (2, 1024, 4, 3), (1, 1024, 4, 3), (2, 2048, 8, 2)]]
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K"])
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col_mask, rstd, writes,
+                  HAS_RESIDUAL: tl.constexpr):
+    """The normalised x (+ residual) at `cols`, rounded as ops/triton/norm.py rounds it; the program
+    that `writes` also stores the sum and the normalised row."""
+    h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+    if HAS_RESIDUAL:
+        h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(h.dtype)
+    normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
+    normed = (normed * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(h.dtype)
+    if writes:
+        tl.store(normed_ptr + cols, normed, mask=col_mask)
+        if HAS_RESIDUAL:
+            tl.store(res_out_ptr + cols, h, mask=col_mask)
+    return normed
+
+
+@triton.autotune(configs=CONFIGS, key=["N", "K", "HAS_NORM"])
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, eps,
+                 HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    program = tl.program_id(0)
+    rows = program * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    rstd = 1.0
+    if HAS_NORM:
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            if HAS_RESIDUAL:
+                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(h.dtype)
+            squares += h.to(tl.float32) * h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            x = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col_mask, rstd,
+                              program == 0, HAS_RESIDUAL).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + cols[None, :],
                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype or out's (fp32 accumulation)."""
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, norm_args: tuple) -> torch.Tensor:
     n, k = weight.shape
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x.contiguous(), weight, weight.stride(0), out, n, k)
+    residual, norm_weight, normed, residual_out, eps, has_norm, has_residual = norm_args
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x.contiguous(), weight, weight.stride(0), out, n, k, residual, norm_weight, normed, residual_out, eps,
+        HAS_NORM=has_norm, HAS_RESIDUAL=has_residual)
     return out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype or out's (fp32 accumulation)."""
+    return _launch(x, weight, out, (x, x, x, x, 0.0, False, False))
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+              weight: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normed @ weight^T, normed, x + residual) for one row, where normed = rms_norm(x + residual):
+    what norm.add_rms_norm (or norm.rms_norm without a residual) and then gemv compute, in one launch.
+    Without a residual the third is x itself. The product is in x's dtype or out's."""
+    normed = torch.empty_like(x)
+    summed = x if residual is None else torch.empty_like(x)
+    out = _launch(x, weight, out, (x if residual is None else residual.contiguous(), norm_weight, normed, summed,
+                                    eps, True, residual is not None))
+    return out, normed, summed
