@@ -154,8 +154,8 @@ def hf_last_logits(hf_model, sequences: list[list[int]]) -> torch.Tensor:
 
 
 def run_prefill_and_decode(model, hf_models, device: str = "cpu") -> list[tuple[float, ...]]:
-    """Relative errors of Chitu's logits against each HF model, for every prefill and decode step;
-    tokens follow the first HF model's greedy choices."""
+    """Relative errors of Chitu's logits against each HF model, then of each further HF model against
+    the first, for every prefill and decode step; tokens follow the first HF model's greedy choices."""
     gen = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in PROMPT_LENS]
     run = PagedRun(model, len(sequences), max(PROMPT_LENS) + DECODE_STEPS, device)
@@ -166,7 +166,8 @@ def run_prefill_and_decode(model, hf_models, device: str = "cpu") -> list[tuple[
     errors = []
     for step in range(DECODE_STEPS + 1):
         expected = [hf_last_logits(hf, sequences) for hf in hf_models]
-        errors.append(tuple(relative_error(logits, e) for e in expected))
+        errors.append(tuple(relative_error(logits, e) for e in expected)
+                      + tuple(relative_error(e, expected[0]) for e in expected[1:]))
         if step < DECODE_STEPS:
             for seq, token in zip(sequences, expected[0].argmax(-1).tolist()):
                 seq.append(token)
@@ -199,7 +200,7 @@ def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(fami
     chitu_bf16 = load_tiny(family.path, family.model_type, "cuda", torch.bfloat16)
     hf_fp32 = copy.deepcopy(hf_model).to("cuda")
     hf_bf16 = copy.deepcopy(hf_model).to("cuda", torch.bfloat16)
-    for step, (chitu_error, hf_error) in enumerate(run_prefill_and_decode(chitu_bf16, [hf_fp32, hf_bf16], "cuda")):
+    for step, (chitu_error, _, hf_error) in enumerate(run_prefill_and_decode(chitu_bf16, [hf_fp32, hf_bf16], "cuda")):
         assert chitu_error <= max(2 * hf_error, 2e-2), f"step {step}: chitu {chitu_error:.4f}, hf bf16 {hf_error:.4f}"
 
 
