@@ -16,6 +16,7 @@ import torch
 import triton
 
 from chitu.ops.attention_metadata import AttentionMetadata
+from chitu.ops import attention as attention_ops
 from chitu.ops import linear as linear_ops
 from chitu.ops.torch_ref import activation as ref_activation
 from chitu.ops.torch_ref import attention as ref_attention
@@ -110,6 +111,19 @@ def decode_case(batch: int, context: int) -> Case:
                 lambda: ref_attention.paged_attention(q, k_cache, v_cache, meta, scale), kv_bytes + 2 * q.nbytes)
 
 
+def latent_decode_case(batch: int, context: int, heads: int, latent: int = 512, rope: int = 64) -> Case:
+    """MLA decode over the latent cache (DeepSeek-V3: 128 heads, 16 a rank at tp 8). Bytes: the cache read once."""
+    blocks = batch * -(-context // BLOCK_SIZE)
+    cache = randn(blocks, BLOCK_SIZE, latent + rope)
+    tables = torch.randperm(blocks).view(batch, -1).tolist()
+    meta = AttentionMetadata.build([1] * batch, [context] * batch, tables, BLOCK_SIZE, "cuda")
+    q, scale = randn(batch, heads, latent + rope), (latent + rope)**-0.5
+    return Case("MLA latent decode", f"B={batch} ctx={context} H={heads} d={latent}+{rope}",
+                lambda: attention_ops.latent_attention(q, cache, meta, latent, scale),
+                lambda: attention_ops.latent_attention(q, cache, meta, latent, scale, backend="ref"),
+                cache.nbytes + 2 * q.nbytes)
+
+
 def prefill_case(query_lens: list[int], context_lens: list[int]) -> Case:
     q, k_cache, v_cache, meta = paged(query_lens, context_lens)
     scale = HEAD_DIM**-0.5
@@ -171,7 +185,8 @@ def main() -> None:
     copy = copy_gbps()
     cases = elementwise_cases() + decode_projection_cases() + [
         decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768), decode_case(1, 8192), decode_case(1, 256),
-        prefill_case([2048], [2048]), prefill_case([512] * 4, [2048] * 4)] + moe_cases()
+        prefill_case([2048], [2048]), prefill_case([512] * 4, [2048] * 4),
+        latent_decode_case(64, 4096, 16), latent_decode_case(64, 4096, 128), latent_decode_case(1, 4096, 16)] + moe_cases()
     cases = [c for c in cases if not args.only or any(word in c.kernel for word in args.only)]
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write)")
     print(f"{'kernel':<30} {'shape':<40} {'triton µs':>10} {'torch µs':>10} {'speedup':>8}  achieved")

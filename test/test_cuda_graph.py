@@ -15,20 +15,26 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TOLERANCE = 2e-2
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              head_dim=64, vocab_size=1024)
-CONFIGS = {
-    "qwen3": ("hf-llama", transformers.Qwen3Config(**SHAPE, architectures=["Qwen3ForCausalLM"])),
+CONFIGS = {  # name: (models.type, config, infer.mla_absorb)
+    "qwen3": ("hf-llama", transformers.Qwen3Config(**SHAPE, architectures=["Qwen3ForCausalLM"]), "none"),
     # the fused MoE kernels inside the graphs; one dense layer among the MoE ones
     "qwen3-moe": ("hf-qwen-3-moe", transformers.Qwen3MoeConfig(
         **SHAPE, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, mlp_only_layers=[1],
-        architectures=["Qwen3MoeForCausalLM"])),
+        architectures=["Qwen3MoeForCausalLM"]), "none"),
+    # MLA over the latent cache (its Triton kernels) and grouped sigmoid routing with shared experts
+    "deepseek-v3": ("deepseek-v3", transformers.DeepseekV3Config(
+        **{**SHAPE, "num_key_value_heads": 8}, q_lora_rank=96, kv_lora_rank=128, qk_nope_head_dim=32,
+        qk_rope_head_dim=32, v_head_dim=48, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, architectures=["DeepseekV3ForCausalLM"]),
+        "absorb-without-precomp"),
 }
 
 
 def random_model(name: str = "qwen3") -> torch.nn.Module:
-    model_type, config = CONFIGS[name]
+    model_type, config, mla_absorb = CONFIGS[name]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = build_model(config, model_type, 512, torch.bfloat16)
+        model = build_model(config, model_type, 512, torch.bfloat16, mla_absorb)
     for name, p in model.named_parameters():  # routers far from ties
         torch.nn.init.normal_(p, std=0.5 if p.dim() == 1 else 1.0 if name.endswith("mlp.gate.weight") else 0.05)
     return model

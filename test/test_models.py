@@ -196,8 +196,20 @@ def test_mla_absorbed_into_a_latent_cache_matches_transformers(family, mla_absor
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(family):
-    hf_model = family.hf_model
-    chitu_bf16 = load_tiny(family.path, family.model_type, "cuda", torch.bfloat16)
+    assert_as_close_as_transformers_bf16(load_tiny(family.path, family.model_type, "cuda", torch.bfloat16),
+                                         family.hf_model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mla_absorb", ["absorb-without-precomp", "absorb"])
+@pytest.mark.parametrize("family", ["deepseek-v3", "deepseek-v2"], indirect=True)
+def test_mla_latent_cache_on_cuda_in_bf16(family, mla_absorb):
+    """The latent cache's Triton kernels (prefill with a cached prefix, decode) in bf16."""
+    assert_as_close_as_transformers_bf16(
+        load_tiny(family.path, family.model_type, "cuda", torch.bfloat16, mla_absorb), family.hf_model)
+
+
+def assert_as_close_as_transformers_bf16(chitu_bf16, hf_model) -> None:
     hf_fp32 = copy.deepcopy(hf_model).to("cuda")
     hf_bf16 = copy.deepcopy(hf_model).to("cuda", torch.bfloat16)
     for step, (chitu_error, _, hf_error) in enumerate(run_prefill_and_decode(chitu_bf16, [hf_fp32, hf_bf16], "cuda")):

@@ -224,37 +224,42 @@ def test_decode_attention_large_batch(dtype):
     assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])
 
 
-def test_decode_attention_cuda_graph_replay():
-    """Captured once, replayed with new queries, context lengths and block tables: same as eager."""
-    batch, heads, kv_heads, head_dim, block_size, width = 5, 16, 4, 128, 16, 64
-    dtype, scale = torch.bfloat16, head_dim**-0.5
-    num_blocks = batch * width + 1
-    k_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
-    v_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+def assert_decode_graph_replays(attend, reference, q: torch.Tensor, num_blocks: int, block_size: int) -> None:
+    """attend(q, meta) captured once, replayed with new queries, context lengths and block tables (of 64
+    blocks each): equal to eager and close to reference(q, meta)."""
+    batch, width = q.shape[0], 64
 
     def tables() -> list[list[int]]:
         return torch.randperm(num_blocks)[: batch * width].view(batch, width).tolist()
 
     meta = AttentionMetadata.build([1] * batch, [5, 100, 1, 1024, 333], tables(), block_size, DEVICE)
-    q = randn(batch, heads, head_dim, dtype=dtype)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm up outside the capture
-        attention_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+        attend(q, meta)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = attention_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+        captured = attend(q, meta)
 
     for context_lens in ([5, 100, 1, 1024, 333], [1024, 3, 777, 64, 1]):
         new = AttentionMetadata.build([1] * batch, context_lens, tables(), block_size, DEVICE)
         meta.context_lens.copy_(new.context_lens)
         meta.block_tables.copy_(new.block_tables)
-        q.copy_(randn(batch, heads, head_dim, dtype=dtype))
+        q.copy_(randn(*q.shape, dtype=q.dtype))
         graph.replay()
-        eager = attention_ops.paged_attention(q, k_cache, v_cache, new, scale)
-        assert torch.equal(captured, eager)
-        assert_close(captured, fp32_reference(q, k_cache, v_cache, new, scale), ATTENTION_TOL[dtype])
+        assert torch.equal(captured, attend(q, new))
+        assert_close(captured, reference(q, new), ATTENTION_TOL[q.dtype])
+
+
+def test_decode_attention_cuda_graph_replay():
+    heads, kv_heads, head_dim, block_size, dtype = 16, 4, 128, 16, torch.bfloat16
+    num_blocks, scale = 5 * 64 + 1, head_dim**-0.5
+    k_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    assert_decode_graph_replays(lambda q, meta: attention_ops.paged_attention(q, k_cache, v_cache, meta, scale),
+                                lambda q, meta: fp32_reference(q, k_cache, v_cache, meta, scale),
+                                randn(5, heads, head_dim, dtype=dtype), num_blocks, block_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -278,6 +283,50 @@ def test_prefill_attention_dispatch_long_prompt(dtype):
     q, k_cache, v_cache, meta = paged_case([2048, 5], [2348, 5], 32, 8, 128, 256, dtype)
     out = attention_ops.paged_attention(q, k_cache, v_cache, meta, 128**-0.5)
     assert_close(out, fp32_reference(q, k_cache, v_cache, meta, 128**-0.5), ATTENTION_TOL[dtype])
+
+
+# ---- MLA over the latent cache (mla_absorb=absorb): one [latent, RoPE key] entry per token
+
+LATENT_SHAPES = [(16, 512, 64), (128, 512, 64), (5, 32, 8)]  # (heads, kv_lora_rank, rope_dim): DeepSeek at tp 8 and 1
+
+
+def latent_case(query_lens: list[int], context_lens: list[int], heads: int, latent: int, rope: int,
+                block_size: int, dtype: torch.dtype):
+    """Queries, the latent cache [blocks, block_size, latent + rope] (NaN outside the contexts), metadata
+    and the fp32 reference's output."""
+    q, cache, _, meta = paged_case(query_lens, context_lens, heads, 1, latent + rope, block_size, dtype,
+                                   extra_table_width=2)
+    return q, cache.squeeze(2), meta, fp32_reference(q, cache, cache[..., :latent], meta, (latent + rope)**-0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,latent,rope", LATENT_SHAPES)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_latent_decode_attention(dtype, heads, latent, rope, block_size):
+    context_lens = [1, 17, 64, 200, 1000, 2999, 129]
+    q, cache, meta, expected = latent_case([1] * len(context_lens), context_lens, heads, latent, rope, block_size, dtype)
+    out = attention_ops.latent_attention(q, cache, meta, latent, (latent + rope)**-0.5)
+    assert_close(out, expected, ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,latent,rope", LATENT_SHAPES)
+def test_latent_prefill_attention(dtype, heads, latent, rope):
+    """Fresh prompts, prompts after a cached prefix, and one-token queries in one flat batch."""
+    query_lens, context_lens = [1, 37, 100, 1, 129], [1, 37, 300, 77, 129]
+    q, cache, meta, expected = latent_case(query_lens, context_lens, heads, latent, rope, 16, dtype)
+    out = attention_ops.latent_attention(q, cache, meta, latent, (latent + rope)**-0.5)
+    assert_close(out, expected, ATTENTION_TOL[dtype])
+
+
+def test_latent_decode_cuda_graph_replay():
+    heads, latent, rope, block_size, dtype = 16, 512, 64, 16, torch.bfloat16
+    num_blocks, scale = 5 * 64 + 1, (latent + rope)**-0.5
+    cache = randn(num_blocks, block_size, latent + rope, dtype=dtype)
+    keys = cache.unsqueeze(2)
+    assert_decode_graph_replays(lambda q, meta: attention_ops.latent_attention(q, cache, meta, latent, scale),
+                                lambda q, meta: fp32_reference(q, keys, keys[..., :latent], meta, scale),
+                                randn(5, heads, latent + rope, dtype=dtype), num_blocks, block_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -55,5 +55,4 @@ class LatentPagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, latent: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, heads, kv_lora_rank + rope_dim], latent [T, kv_lora_rank + rope_dim] → [T, heads, kv_lora_rank]."""
         attention_ops.store_rows(latent, self.cache, meta.slot_mapping)
-        keys = self.cache.unsqueeze(2)  # [blocks, block_size, 1 kv head, kv_lora_rank + rope_dim]
-        return attention_ops.paged_attention(q, keys, keys[..., : self.kv_lora_rank], meta, self.scale, self.backend)
+        return attention_ops.latent_attention(q, self.cache, meta, self.kv_lora_rank, self.scale, self.backend)

@@ -25,6 +25,7 @@ from chitu.layers.context import ModelContext
 from chitu.layers.linear import ColumnParallelLinear, RowParallelLinear
 from chitu.layers.norm import RMSNorm
 from chitu.layers.rotary import RotaryEmbedding, rope_parameters
+from chitu.ops import attention as attention_ops
 from chitu.ops.attention_metadata import AttentionMetadata
 
 MLA_ABSORB_MODES = ("none", "absorb-without-precomp", "absorb")
@@ -45,10 +46,6 @@ def softmax_scale(config) -> float:
 
 
 class MLAAttention(nn.Module):
-    # no CUDA graphs yet: MLA attends through the torch reference, which reads the step's longest
-    # context on the host (Triton MLA kernels are to come)
-    capturable = False
-
     def __init__(self, ctx: ModelContext, prefix: str, rotary: RotaryEmbedding):
         super().__init__()
         config, state, dtype = ctx.config, parallel_state(), ctx.dtype
@@ -90,6 +87,12 @@ class MLAAttention(nn.Module):
         self.attn = (PagedAttention(self.num_heads, self.num_heads, q_width, scale, dtype, self.v_dim)
                      if self.mla_absorb == "none" else
                      LatentPagedAttention(self.num_heads, self.kv_lora_rank, self.rope, scale, dtype))
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a CUDA graph can capture this layer (runner/cuda_graph.py): the latent cache's kernels
+        can; the torch reference (and MLA without absorption, for now) reads the longest context on the host."""
+        return self.mla_absorb != "none" and attention_ops.kernels_run(self.attn.backend, self.kv_a_proj_with_mqa.weight)
 
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, heads, nope + rope], or once folded [T, heads, kv_lora_rank + rope]."""

@@ -8,6 +8,7 @@ from chitu.ops.torch_ref import attention as ref
 if triton_ops.AVAILABLE:
     from chitu.ops.triton import attention as kernels
     from chitu.ops.triton import kv_store
+    from chitu.ops.triton import mla_attention as mla_kernels
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -28,12 +29,31 @@ def store_rows(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tens
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, backend: str = "triton") -> torch.Tensor:
     """backend "ref" forces the torch reference; "triton" uses the kernels where they run. Keys and values
-    of different widths (MLA) take the reference for now."""
-    # float32 stays on the reference: tl.dot would round its operands to tf32
-    if (backend == "ref" or not triton_ops.enabled(q) or q.dtype == torch.float32
-            or k_cache.shape[-1] != v_cache.shape[-1]):
+    of different widths (MLA without absorption) take the reference for now."""
+    if not kernels_run(backend, q) or k_cache.shape[-1] != v_cache.shape[-1]:
         return ref.paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.max_query_len == 1:
         return kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     return kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                      meta.query_start_loc, meta.max_query_len, scale)
+
+
+def kernels_run(backend: str, x: torch.Tensor) -> bool:
+    """Whether attention over `x` (queries, or the weights that make them) runs the Triton kernels: no
+    host reads then, so a decode step can be captured. Float32 stays on the reference: tl.dot would round
+    its operands to tf32."""
+    return backend != "ref" and triton_ops.enabled(x) and x.dtype != torch.float32
+
+
+def latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, latent: int, scale: float,
+                     backend: str = "triton") -> torch.Tensor:
+    """MLA over its latent cache [num_blocks, block_size, latent + rope]: q [T, heads, latent + rope] →
+    [T, heads, latent]; each token's key is its entry, its value the entry's first `latent` columns."""
+    if not kernels_run(backend, q):
+        keys = cache.unsqueeze(2)  # one KV head
+        return ref.paged_attention(q, keys, keys[..., :latent], meta, scale)
+    if meta.max_query_len == 1:
+        return mla_kernels.latent_decode(q, cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
+                                         latent, scale)
+    return mla_kernels.latent_prefill(q, cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
+                                      meta.max_query_len, latent, scale)
