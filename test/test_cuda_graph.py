@@ -28,6 +28,7 @@ CONFIGS = {  # name: (models.type, config, infer.mla_absorb)
         n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, architectures=["DeepseekV3ForCausalLM"]),
         "absorb-without-precomp"),
 }
+CONFIGS["deepseek-v3-expanded"] = (*CONFIGS["deepseek-v3"][:2], "none")  # per-head K and narrower V caches
 
 
 def random_model(name: str = "qwen3") -> torch.nn.Module:

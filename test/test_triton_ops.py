@@ -165,19 +165,20 @@ def test_silu_and_mul(dtype, tokens, width):
 # ---- paged attention
 
 def paged_case(query_lens: list[int], context_lens: list[int], heads: int, kv_heads: int, head_dim: int,
-               block_size: int, dtype: torch.dtype, extra_table_width: int = 0):
+               block_size: int, dtype: torch.dtype, extra_table_width: int = 0, head_dim_v: int | None = None):
     """q, caches and metadata over scattered blocks; cache slots outside every context hold NaN."""
+    head_dim_v = head_dim_v or head_dim
     blocks = [-(-n // block_size) for n in context_lens]
     num_blocks = sum(blocks) + 5
     order = torch.randperm(num_blocks).tolist()
     starts = [sum(blocks[:i]) for i in range(len(blocks))]
     tables = [order[s: s + n] + [0] * extra_table_width for s, n in zip(starts, blocks)]
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache, v_cache = poisoned(shape, dtype), poisoned(shape, dtype)
+    k_cache = poisoned((num_blocks, block_size, kv_heads, head_dim), dtype)
+    v_cache = poisoned((num_blocks, block_size, kv_heads, head_dim_v), dtype)
     every_token = AttentionMetadata.build(context_lens, context_lens, tables, block_size, DEVICE)
     tokens = sum(context_lens)
-    ref_attention.store_kv(randn(tokens, kv_heads, head_dim, dtype=dtype), randn(tokens, kv_heads, head_dim, dtype=dtype),
-                           k_cache, v_cache, every_token.slot_mapping)
+    ref_attention.store_kv(randn(tokens, kv_heads, head_dim, dtype=dtype),
+                           randn(tokens, kv_heads, head_dim_v, dtype=dtype), k_cache, v_cache, every_token.slot_mapping)
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, DEVICE)
     return randn(sum(query_lens), heads, head_dim, dtype=dtype), k_cache, v_cache, meta
 
@@ -278,6 +279,18 @@ def test_prefill_attention(dtype, heads, kv_heads, head_dim, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,head_dim,head_dim_v", [(16, 192, 128), (4, 24, 12)])  # MLA expanded: nope + rope, v
+def test_attention_with_narrower_values(dtype, heads, head_dim, head_dim_v):
+    """Decode and prefill (through the dispatcher) where values are narrower than keys."""
+    for query_lens, context_lens in (([1] * 4, [1, 64, 1000, 129]), ([1, 37, 100], [1, 37, 300])):
+        q, k_cache, v_cache, meta = paged_case(query_lens, context_lens, heads, heads, head_dim, 16, dtype,
+                                               extra_table_width=2, head_dim_v=head_dim_v)
+        out = attention_ops.paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
+        assert out.shape == (len(q), heads, head_dim_v)
+        assert_close(out, fp32_reference(q, k_cache, v_cache, meta, head_dim**-0.5), ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_attention_dispatch_long_prompt(dtype):
     """A 2048-token prompt after a 300-token cached prefix, through the dispatcher, block size 256."""
     q, k_cache, v_cache, meta = paged_case([2048, 5], [2348, 5], 32, 8, 128, 256, dtype)
@@ -338,6 +351,21 @@ def test_store_kv_into_pages_of_strided_qkv(dtype, tokens, kv_heads, head_dim, b
     num_blocks = tokens // block_size + 3
     slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
     caches = [poisoned((num_blocks, block_size, kv_heads, head_dim), dtype) for _ in range(4)]
+    kv_store.store_kv(k, v, caches[0], caches[1], slots)
+    ref_attention.store_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, heads, nope, rope, v_dim", [(1, 16, 128, 64, 128), (37, 3, 16, 8, 12)])
+def test_store_kv_of_expanded_mla_heads(dtype, tokens, heads, nope, rope, v_dim):
+    """MLA without absorption: keys [nope, rope] wider than values, which are strided views of kv_b_proj's output."""
+    k = randn(tokens, heads, nope + rope, dtype=dtype)
+    v = randn(tokens, heads, nope + v_dim, dtype=dtype)[..., nope:]
+    num_blocks, block_size = tokens // 16 + 3, 16
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    caches = [poisoned((num_blocks, block_size, heads, width), dtype) for width in (nope + rope, v_dim) * 2]
     kv_store.store_kv(k, v, caches[0], caches[1], slots)
     ref_attention.store_kv(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))

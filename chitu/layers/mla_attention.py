@@ -90,9 +90,9 @@ class MLAAttention(nn.Module):
 
     @property
     def capturable(self) -> bool:
-        """Whether a CUDA graph can capture this layer (runner/cuda_graph.py): the latent cache's kernels
-        can; the torch reference (and MLA without absorption, for now) reads the longest context on the host."""
-        return self.mla_absorb != "none" and attention_ops.kernels_run(self.attn.backend, self.kv_a_proj_with_mqa.weight)
+        """Whether a CUDA graph can capture this layer (runner/cuda_graph.py): the Triton kernels can; the
+        torch reference reads the longest context on the host."""
+        return attention_ops.kernels_run(self.attn.backend, self.kv_a_proj_with_mqa.weight)
 
     def _query(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, heads, nope + rope], or once folded [T, heads, kv_lora_rank + rope]."""

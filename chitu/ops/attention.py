@@ -13,9 +13,8 @@ if triton_ops.AVAILABLE:
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k [T, kv_heads, head_dim] and v [T, kv_heads, head_dim_v] into their slots; the kernel takes
-    equal widths (MLA's expanded keys are wider than its values)."""
-    if triton_ops.enabled(k) and k_cache.is_contiguous() and k.shape[-1] == v.shape[-1]:
+    """k [T, kv_heads, head_dim] and v [T, kv_heads, head_dim_v] into their slots."""
+    if triton_ops.enabled(k) and k_cache.is_contiguous() and v_cache.is_contiguous():
         kv_store.store_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
         ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -28,9 +27,9 @@ def store_rows(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tens
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, backend: str = "triton") -> torch.Tensor:
-    """backend "ref" forces the torch reference; "triton" uses the kernels where they run. Keys and values
-    of different widths (MLA without absorption) take the reference for now."""
-    if not kernels_run(backend, q) or k_cache.shape[-1] != v_cache.shape[-1]:
+    """backend "ref" forces the torch reference; "triton" uses the kernels where they run. Values may be
+    narrower than keys (MLA without absorption: head_dim_v)."""
+    if not kernels_run(backend, q):
         return ref.paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.max_query_len == 1:
         return kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

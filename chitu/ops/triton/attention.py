@@ -36,16 +36,17 @@ EVEN_SPLITS_FROM = 4  # splits: below this, a context's parts are the block-tabl
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table_row, k_head, v_head,
-                 stride_block, stride_token, qk_scale, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr):
+                 stride_block, stride_token, v_stride_block, v_stride_token, qk_scale, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr):
     """One online-softmax step (log2 domain) of the query tile q over keys n0 .. n0 + BLOCK_N - 1."""
     pos = n0 + tl.arange(0, BLOCK_N)
     in_range = pos < kv_end
     block = tl.load(table_row + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
     d = tl.arange(0, BLOCK_D)
-    offsets = (block * stride_block + (pos % BLOCK_SIZE) * stride_token)[:, None] + d[None, :]
-    kv_mask = in_range[:, None] & (d < HEAD_DIM)[None, :]
-    k = tl.load(k_head + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+    k = tl.load(k_head + (block * stride_block + slot * stride_token)[:, None] + d[None, :],
+                mask=in_range[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     visible = in_range[None, :]
     if CAUSAL:
@@ -55,7 +56,9 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table_row, k_head, v_head,
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    v = tl.load(v_head + offsets, mask=kv_mask, other=0.0).to(q.dtype)
+    dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(v_head + (block * v_stride_block + slot * v_stride_token)[:, None] + dv[None, :],
+                mask=in_range[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
     return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
 
@@ -63,9 +66,10 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table_row, k_head, v_head,
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, context_lens_ptr, mid_out_ptr, mid_lse_ptr,
                          stride_qb, stride_qh, stride_tb, stride_block, stride_token, stride_head,
-                         qk_scale, split_len, EVEN_SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         v_stride_block, v_stride_token, v_stride_head, qk_scale, split_len,
+                         EVEN_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_V: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -81,14 +85,14 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, context_lens_ptr, mid_
     q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
 
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    kv_offset = kv_head * stride_head
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, 0, n0, end, tables_ptr + seq * stride_tb,
-                                     k_ptr + kv_offset, v_ptr + kv_offset, stride_block, stride_token,
-                                     qk_scale, BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL=False)
+                                     k_ptr + kv_head * stride_head, v_ptr + kv_head * v_stride_head, stride_block,
+                                     stride_token, v_stride_block, v_stride_token, qk_scale, BLOCK_SIZE, BLOCK_N,
+                                     BLOCK_D, HEAD_DIM, BLOCK_DV, HEAD_DIM_V, CAUSAL=False)
 
     # an empty split (start >= context length) leaves weight 0 for the merge
     nonempty = l_i > 0
@@ -96,7 +100,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, context_lens_ptr, mid_
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     row = (seq * tl.num_programs(1) * GROUP + heads) * tl.num_programs(2) + split
     tl.store(mid_lse_ptr + row, lse, mask=g < GROUP)
-    tl.store(mid_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(mid_out_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out,
+             mask=(g < GROUP)[:, None] & (dv < HEAD_DIM_V)[None, :])
 
 
 @triton.jit
@@ -120,9 +126,9 @@ def _decode_merge_kernel(mid_out_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, context_lens_ptr, query_start_ptr,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_tb, stride_block, stride_token,
-                    stride_head, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    stride_head, v_stride_block, v_stride_token, v_stride_head, qk_scale, GROUP: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # tiles with the most keys start first
     head = tl.program_id(2)
@@ -139,26 +145,27 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, context_lens_ptr, 
     q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=q_mask, other=0.0)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     table_row = tables_ptr + seq * stride_tb
-    kv_offset = (head // GROUP) * stride_head
+    k_head, v_head = k_ptr + (head // GROUP) * stride_head, v_ptr + (head // GROUP) * v_stride_head
     # keys up to first_pos are visible to every row of the tile: no causal mask there
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     for n0 in range(0, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, 0, n0, unmasked_end, table_row, k_ptr + kv_offset,
-                                     v_ptr + kv_offset, stride_block, stride_token, qk_scale,
-                                     BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL=False)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, 0, n0, unmasked_end, table_row, k_head, v_head, stride_block,
+                                     stride_token, v_stride_block, v_stride_token, qk_scale, BLOCK_SIZE, BLOCK_N,
+                                     BLOCK_D, HEAD_DIM, BLOCK_DV, HEAD_DIM_V, CAUSAL=False)
     kv_end = tl.minimum(first_pos + BLOCK_M, context_len)
     for n0 in range(unmasked_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, context_len - q_len + rows, n0, kv_end, table_row,
-                                     k_ptr + kv_offset, v_ptr + kv_offset, stride_block, stride_token,
-                                     qk_scale, BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL=True)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, context_len - q_len + rows, n0, kv_end, table_row, k_head,
+                                     v_head, stride_block, stride_token, v_stride_block, v_stride_token, qk_scale,
+                                     BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_DV, HEAD_DIM_V, CAUSAL=True)
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    dv = tl.arange(0, BLOCK_DV)
+    tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dv[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None] & (dv < HEAD_DIM_V)[None, :])
 
 
 @functools.cache
@@ -176,35 +183,37 @@ def _decode_splits(programs: int, max_tokens: int, device: torch.device) -> tupl
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
-    """The GQA group size; both caches must share one layout (one set of strides is passed)."""
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    assert q.stride(-1) == 1 and q.shape[1] % k_cache.shape[2] == 0
+    """The GQA group size. Values may be narrower than keys (MLA without absorption)."""
+    assert k_cache.shape[:3] == v_cache.shape[:3] and k_cache.stride(-1) == v_cache.stride(-1) == 1
+    assert q.stride(-1) == 1 and q.shape[1] % k_cache.shape[2] == 0 and q.shape[-1] == k_cache.shape[-1]
     return q.shape[1] // k_cache.shape[2]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """One query per sequence: q [B, heads, head_dim] over each sequence's context_lens[b] cached tokens."""
+    """One query per sequence: q [B, heads, head_dim] over each sequence's context_lens[b] cached tokens
+    → [B, heads, head_dim_v]."""
     group = _check_cache(q, k_cache, v_cache)
     batch, heads, head_dim = q.shape
-    block_size, kv_heads = k_cache.shape[1:3]
+    block_size, kv_heads, head_dim_v = *k_cache.shape[1:3], v_cache.shape[-1]
     splits, split_len = _decode_splits(batch * kv_heads, block_tables.shape[1] * block_size, q.device)
-    mid_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_out = torch.empty(batch, heads, splits, head_dim_v, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    block_d = triton.next_power_of_2(head_dim)
+        out = torch.empty(batch, heads, head_dim_v, dtype=q.dtype, device=q.device)
+    block_dv = triton.next_power_of_2(head_dim_v)
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, mid_out, mid_lse, q.stride(0), q.stride(1),
-        block_tables.stride(0), *k_cache.stride()[:3], scale * LOG2E, split_len,
-        EVEN_SPLITS=splits >= EVEN_SPLITS_FROM, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        block_tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], scale * LOG2E, split_len,
+        EVEN_SPLITS=splits >= EVEN_SPLITS_FROM, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv, BLOCK_N=DECODE_BLOCK_N,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     _decode_merge_kernel[(batch, heads)](
         mid_out, mid_lse, out, out.stride(0), out.stride(1), splits,
-        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        HEAD_DIM=head_dim_v, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_dv,
     )
     return out
 
@@ -212,18 +221,19 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of the flat queries q [T, heads, head_dim]; sequence b owns rows
-    query_start_loc[b]:query_start_loc[b+1], the last of its context_lens[b] tokens."""
+    """Causal attention of the flat queries q [T, heads, head_dim] → [T, heads, head_dim_v]; sequence b
+    owns rows query_start_loc[b]:query_start_loc[b+1], the last of its context_lens[b] tokens."""
     group = _check_cache(q, k_cache, v_cache)
-    heads, head_dim = q.shape[1:]
+    tokens, heads, head_dim = q.shape
+    head_dim_v = v_cache.shape[-1]
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty(tokens, heads, head_dim_v, dtype=q.dtype, device=q.device)
     grid = (block_tables.shape[0], triton.cdiv(max_query_len, PREFILL_BLOCK_M), heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), *k_cache.stride()[:3], scale * LOG2E,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=PREFILL_BLOCK_M,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=PREFILL_BLOCK_N, num_warps=PREFILL_NUM_WARPS,
-        num_stages=PREFILL_NUM_STAGES,
+        out.stride(0), out.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        scale * LOG2E, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
+        BLOCK_N=PREFILL_BLOCK_N, num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES,
     )
     return out
