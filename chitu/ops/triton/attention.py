@@ -1,4 +1,5 @@
-"""Paged attention over the block KV cache [num_blocks, block_size, kv_heads, head_dim].
+"""Paged attention over the block KV cache [num_blocks, block_size, kv_heads, head_dim] (the value cache
+may be narrower: head_dim_v, as MLA without absorption caches it).
 
 Decode (one query per sequence): split-K over the context on a grid (seq, kv head, split), all query
 heads of a kv head's group in one tile, then a second kernel merges the splits by log-sum-exp. The
