@@ -11,6 +11,7 @@ in the same run, interleaved round by round, on two models:
 
     python benchmarks/bench_offline.py [--rounds 2] [--new-tokens 64] [--batches 1 8 32]
         [--moe-new-tokens 16] [--moe-batches 1 8] [--moe-dtypes bfloat16 float32] [--moe-only | --no-moe]
+        [--quant w8a16]
 
 Reports decode tokens/s at each batch size (total over the batch, prefill excluded), the time to
 prefill one 128-token prompt, and Chitu's decode speed over transformers' at the same batch size.
@@ -53,11 +54,15 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int = SEED) -> lis
 class ChituRunner:
     """Chitu's engine on the configured checkpoint (the default model's when `ckpt_dir` is None)."""
 
-    def __init__(self, dtype: str, max_batch: int, ckpt_dir: str | None = None, model_type: str | None = None):
+    def __init__(self, dtype: str, max_batch: int, ckpt_dir: str | None = None, model_type: str | None = None,
+                 quant: str | None = None):
+        """`quant`: a method that quantizes the weights as they load (quant=w8a16 quant_on_load=True)."""
         from chitu.config import compose_config
         from chitu.engine.engine import LLMEngine
-        self.name = f"chitu ({dtype})"
+        self.name = f"chitu ({dtype}{f', {quant}' if quant else ''})"
         overrides = [f"dtype={dtype}", "device=cpu", f"infer.max_reqs={max_batch}", "infer.max_seq_len=512"]
+        if quant is not None:
+            overrides += [f"quant={quant}", "quant_on_load=True"]
         if ckpt_dir is not None:
             overrides.append(f"models.ckpt_dir={ckpt_dir}")
         if model_type is not None:
@@ -150,15 +155,18 @@ class LlamaCppRunner:
         return time.perf_counter() - start
 
 
-def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp: bool = False) -> list:
-    """Chitu in each dtype, then transformers in fp32 (the baseline), then llama.cpp where asked and
-    installed. `path`: the checkpoint; None for the default model (SmolLM2's GGUF)."""
+def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp: bool = False,
+                  quants: tuple[str, ...] = ()) -> list:
+    """Chitu in each dtype (and in bf16 with each quantize-on-load method), then transformers in fp32 (the
+    baseline), then llama.cpp where asked and installed. `path`: the checkpoint; None for the default
+    model (SmolLM2's GGUF)."""
     from chitu.config import ConfigError, compose_config
     try:
         hf_path = path or compose_config().models.checkpoint_path()
     except ConfigError as e:
         sys.exit(str(e))
-    runners = [ChituRunner(d, max_batch, path) for d in dtypes] + [TransformersRunner(hf_path)]
+    runners = ([ChituRunner(d, max_batch, path) for d in dtypes] + [ChituRunner("bfloat16", max_batch, path, quant=q)
+                                                                  for q in quants] + [TransformersRunner(hf_path)])
     if llama_cpp:
         try:
             runners.append(LlamaCppRunner(hf_path))
@@ -214,7 +222,7 @@ def print_table(title: str, results: dict, runners: list, batches: list[int]) ->
 
 
 def run_smollm2(args) -> None:
-    runners = build_runners(None, args.chitu_dtypes, max(args.batches), llama_cpp=True)
+    runners = build_runners(None, args.chitu_dtypes, max(args.batches), llama_cpp=True, quants=args.quant)
     results = measure(runners, args.batches, args.new_tokens, args.rounds)
     print_table(f"SmolLM2-135M (GGUF Q4_1), {args.new_tokens} new tokens, median of {args.rounds} rounds",
                 results, runners, args.batches)
@@ -225,6 +233,8 @@ def run_moe(args, config: dict = MOE_CONFIG) -> None:
         params = save_random_moe(directory, config)
         gc.collect()
         runners = [ChituRunner(dtype, max(args.moe_batches), directory, "hf-qwen-3-moe") for dtype in args.moe_dtypes]
+        runners += [ChituRunner("bfloat16", max(args.moe_batches), directory, "hf-qwen-3-moe", quant)
+                    for quant in args.quant]
         # transformers' default experts (grouped_mm: one grouped matmul per projection) and its per-expert loop
         runners += [TransformersRunner(directory, dtype, experts)
                     for dtype in args.moe_dtypes for experts in ("grouped_mm", "eager")]
@@ -244,6 +254,8 @@ def main(argv: list[str] | None = None, moe_config: dict = MOE_CONFIG) -> None:
     parser.add_argument("--moe-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--moe-dtypes", nargs="+", choices=list(SHORT_DTYPES), default=["bfloat16", "float32"],
                         help="the dtypes both engines run the MoE model in")
+    parser.add_argument("--quant", nargs="*", choices=["w8a16"], default=[],
+                        help="also Chitu in bf16 with these weights quantized as they load (quant_on_load=True)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--moe-only", action="store_true", help="only the random Qwen3-MoE")
     only.add_argument("--no-moe", action="store_true", help="only SmolLM2")

@@ -58,6 +58,10 @@ def test_every_model_fragment_composes():
     ("serve.port=80", "serve.port=80"),
     ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),
     ("dtype=float8", "dtype=float8 is not one of"),
+    ("quant=gguf", "quant=gguf: GGUF blocks kept quantized is not built"),
+    ("quant=w8a16", "quant=w8a16 quantizes an unquantized checkpoint as it loads: add quant_on_load=True"),
+    ("quant_on_load=True", "quant_on_load=True needs a method that quantizes while loading: quant=w8a16"),
+    ("quant=int4", "quant=int4 is not one of"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as error:

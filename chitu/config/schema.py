@@ -149,7 +149,7 @@ CHOICES: dict[str, tuple] = {
     "float_16bit_variant": ("bfloat16", "float16"),
     "dtype": (None, "bfloat16", "float16", "float32"),
     "device": ("auto", "cuda", "cpu"),
-    "quant": (None, "gguf"),
+    "quant": (None, "gguf", "w8a16"),
 }
 
 POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_len", "infer.block_size",
@@ -163,8 +163,7 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.dp_size": ((1,), "data parallelism"),
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
-    "quant": ((None,), "quantized execution"),
-    "quant_on_load": ((False,), "quantize-on-load"),
+    "quant": ((None, "w8a16"), "GGUF blocks kept quantized"),
     "quant_ckpt_dir": ((None,), "pre-quantized checkpoints"),
     "skip_preprocess": ((False,), "preprocessed checkpoints"),
     "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
@@ -224,6 +223,17 @@ def _check_values(config: ChituConfig) -> None:
         value = get_key(config, key)
         if value not in built:
             raise ConfigError(f"{key}={value}: {feature} is not built in this version of Chitu yet")
+    _check_quantize_on_load(config)
+
+
+def _check_quantize_on_load(config: ChituConfig) -> None:
+    """quant=w8a16 quantizes as the checkpoint loads: it needs quant_on_load=True, which needs a method."""
+    if config.quant_on_load and config.quant != "w8a16":
+        raise ConfigError(f"quant_on_load=True needs a method that quantizes while loading: quant=w8a16 "
+                          f"(quant={config.quant})")
+    if config.quant == "w8a16" and not config.quant_on_load:
+        raise ConfigError("quant=w8a16 quantizes an unquantized checkpoint as it loads: add quant_on_load=True "
+                          "(reading pre-quantized int8 checkpoints, quant_ckpt_dir, is not built yet)")
 
 
 def _packaged_file(spec: str) -> str:

@@ -57,7 +57,8 @@ class Worker:
         reader = open_checkpoint(config.models.checkpoint_path())
         try:
             return load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config),
-                              config.infer.mla_absorb, config.infer.raise_lower_bit_float_to)
+                              config.infer.mla_absorb, config.infer.raise_lower_bit_float_to,
+                              config.quant if config.quant_on_load else None)
         finally:
             reader.close()
 

@@ -59,14 +59,16 @@ def architecture_of(config: PretrainedConfig) -> tuple[str, Architecture]:
 
 
 def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype,
-                mla_absorb: str = "none", raise_lower_bit_float_to: str = "float8_e4m3fn") -> nn.Module:
+                mla_absorb: str = "none", raise_lower_bit_float_to: str = "float8_e4m3fn",
+                quantize_on_load: str | None = None) -> nn.Module:
     """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it.
-    A checkpoint declaring a quantization Chitu has no method for is refused here."""
+    A checkpoint declaring a quantization Chitu has no method for is refused here; `quantize_on_load`
+    names the method that quantizes the weights as they load (quant/config.py)."""
     name, arch = architecture_of(config)
     if expected_type != arch.model_type:
         raise UnsupportedModelError(
             f"models.type={expected_type} but the checkpoint is {name} (type {arch.model_type})"
         )
-    quant = QuantConfig.from_checkpoint(config, raise_lower_bit_float_to)
+    quant = QuantConfig.from_checkpoint(config, raise_lower_bit_float_to, quantize_on_load)
     ctx = ModelContext(config, dtype, max_positions, quant, mla_absorb)
     return CausalLM(ctx, arch.layers(config))

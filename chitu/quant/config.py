@@ -3,7 +3,8 @@
 Unquantized weights, and FP8 block-quantized ones dequantized at load (`infer.raise_lower_bit_float_to=
 bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read. A checkpoint declaring any
 other quantization is refused with its name: loading its packed or fp8 tensors as plain weights, without
-their scales, would serve garbage.
+their scales, would serve garbage. `quant=w8a16 quant_on_load=True` quantizes an unquantized checkpoint's
+linear layers to int8 as they load (quant/int8.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import PretrainedConfig
 
 from chitu.errors import UserError
 from chitu.quant.fp8_block import Fp8BlockDequantizedMethod
+from chitu.quant.int8 import Int8WeightOnlyMethod
 from chitu.quant.linear_method import UNQUANTIZED, LinearMethod
 
 
@@ -27,9 +29,13 @@ class QuantConfig:
     method: LinearMethod = field(default=UNQUANTIZED)
 
     @classmethod
-    def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn") -> QuantConfig:
-        """raise_lower_bit_float_to: `bfloat16` dequantizes fp8 weights at load; the default keeps them fp8."""
+    def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn",
+                        quantize_on_load: str | None = None) -> QuantConfig:
+        """raise_lower_bit_float_to: `bfloat16` dequantizes fp8 weights at load; the default keeps them fp8.
+        quantize_on_load: the method (`w8a16`) that quantizes an unquantized checkpoint as it loads."""
         declared = getattr(config, "quantization_config", None)
+        if quantize_on_load:
+            return cls._on_load(config, quantize_on_load, declared)
         if not declared:
             return cls()
         declared = declared if isinstance(declared, dict) else declared.to_dict()
@@ -44,6 +50,17 @@ class QuantConfig:
         raise UnsupportedQuantizationError(
             f"the checkpoint is quantized with quant_method={method!r}{f' ({details})' if details else ''}; "
             f"Chitu has no linear method for {method!r} yet: use the unquantized (bf16) checkpoint, or a GGUF file")
+
+    @classmethod
+    def _on_load(cls, config: PretrainedConfig, method: str, declared) -> QuantConfig:
+        if declared:
+            raise UnsupportedQuantizationError(
+                f"quant={method} quant_on_load=True quantizes an unquantized checkpoint, but this one is already "
+                f"quantized ({declared.get('quant_method') if isinstance(declared, dict) else declared})")
+        if getattr(config, "kv_lora_rank", None):
+            raise UnsupportedQuantizationError(f"quant={method} is not built for multi-head latent attention "
+                                               "(DeepSeek-V2/V3) yet: its projections are folded as dense weights")
+        return cls(Int8WeightOnlyMethod())
 
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method of the linear layer whose checkpoint name is `prefix`."""

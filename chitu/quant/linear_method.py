@@ -41,6 +41,11 @@ class LinearMethod(ABC):
         """apply() to an input whose RMSNorm is still pending (layers/norm.py)."""
         return self.apply(layer, x.normed, bias)
 
+    def stacked(self, layer: nn.Module):
+        """A stacked experts' weight as the MoE operations take it: the dense [E, out, in] tensor, or an
+        object with `shape` and `expert_linear(e, x)` (quantized experts, on the torch reference)."""
+        return layer.weight
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """A dense weight in the compute dtype; quantized checkpoint tensors (GGUF) are dequantized as read."""

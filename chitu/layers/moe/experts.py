@@ -29,7 +29,8 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """This rank's share of sum_k weights[t, k] * expert_{ids[t, k]}(x[t]); the MoE block sums the shares."""
-        return moe_ops.fused_experts(x, self.gate_up.weight, self.down.weight, weights, ids, self.placement.experts.start)
+        return moe_ops.fused_experts(x, self.gate_up.method.stacked(self.gate_up), self.down.method.stacked(self.down),
+                                     weights, ids, self.placement.experts.start)
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
         columns = self.placement.columns

@@ -73,8 +73,12 @@ class _ExpertGroups:
     def sizes(self) -> list[int]:
         return self.counts.tolist()
 
-    def linear(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each group's rows of x times its expert's weights^T."""
+    def linear(self, x: torch.Tensor, weights) -> torch.Tensor:
+        """Each group's rows of x times its expert's weights^T (a stacked tensor, or quantized experts with
+        `expert_linear`: quant/int8.py)."""
+        if not isinstance(weights, torch.Tensor):
+            rows = x.split(self.sizes)
+            return torch.cat([weights.expert_linear(e, r) for e, r in enumerate(rows) if r.shape[0]])
         out_features, in_features = weights.shape[1:]
         aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
         if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides

@@ -1,0 +1,79 @@
+"""W8A16: int8 weights with one scale per output channel (symmetric), activations in the compute dtype.
+
+`quant=w8a16 quant_on_load=True` quantizes every linear layer's weight (dense projections and MoE
+experts; not the embedding, the LM head or the routers) as the checkpoint is read. Each scale is rounded
+to the compute dtype before the weight is divided by it, so q * scale is exactly the weight the
+kernel multiplies: the dequantized reference is exact. On the CPU, bf16/fp16 activations take torch's
+int8 weight-only kernel (`_weight_int8pack_mm`: ~3x the rows per second of a bf16 matmul at one row on
+AVX2); float32 activations multiply the dequantized weight (exact, not faster).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chitu.checkpoint import CheckpointReader, Shard
+from chitu.layers.loadable import copy_into
+from chitu.quant.linear_method import LinearMethod
+
+
+def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 q, scale [rows] in scale_dtype) with weight ≈ q * scale[:, None] to about scale / 2."""
+    weight = weight.float()
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).to(scale_dtype)
+    q = (weight / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[..., None]
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (q * scale)^T in x's dtype."""
+    # the CPU kernel reads past rows whose length is not a multiple of 8 (garbage, or a crash): never hand it one
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
+            and q.shape[1] % 8 == 0 and q.is_contiguous()):
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
+    return F.linear(x, dequantize(q, scale).to(x.dtype))
+
+
+@dataclass(frozen=True)
+class Int8ExpertStack:
+    """Stacked int8 experts [E, out, in] with scales [E, out]: what the MoE reference multiplies expert by expert."""
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def expert_linear(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.q[expert], self.scale[expert])
+
+
+class Int8WeightOnlyMethod(LinearMethod):
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype,
+                       num_experts: int | None = None) -> None:
+        rows = (out_features,) if num_experts is None else (num_experts, out_features)
+        layer.weight = nn.Parameter(torch.empty(*rows, in_features, dtype=torch.int8), requires_grad=False)
+        layer.weight_scale = nn.Parameter(torch.empty(rows, dtype=dtype), requires_grad=False)
+
+    def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
+             expert: int | None = None) -> None:
+        weight = layer.weight if expert is None else layer.weight[expert]
+        scale = layer.weight_scale if expert is None else layer.weight_scale[expert]
+        rows = [reader.read(f"{prefix}.weight", torch.float32, weight.device, shard) for prefix, shard in parts]
+        q, s = quantize_per_channel(torch.cat(rows) if len(rows) > 1 else rows[0], scale.dtype)
+        copy_into(weight, q, f"{parts[0][0]}.weight")
+        copy_into(scale, s, f"{parts[0][0]}.weight_scale")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = int8_linear(x, layer.weight, layer.weight_scale)
+        return y if bias is None else y + bias
+
+    def stacked(self, layer: nn.Module) -> Int8ExpertStack:
+        return Int8ExpertStack(layer.weight, layer.weight_scale)
