@@ -48,18 +48,21 @@ def tiny_checkpoint(tmp_path, name: str) -> tuple[str, str]:
 
 
 def dequantized_copy(quantized: torch.nn.Module, reference: torch.nn.Module) -> None:
-    """Give the unquantized model the weights the int8 one multiplies."""
+    """Give the unquantized model the weights the int8 one multiplies (its linear layers and LM head)."""
     dense = dict(reference.named_modules())
     for name, module in quantized.named_modules():
         if isinstance(getattr(module, "method", None), Int8WeightOnlyMethod):
             dense[name].weight.copy_(dequantize(module.weight, module.weight_scale))
+    assert not reference.lm_head.tied
+    reference.lm_head.weight.copy_(dequantize(quantized.lm_head.weight_q, quantized.lm_head.weight_scale))
 
 
 @pytest.mark.parametrize("name", ["llama-bias", "qwen3-moe", "glm4-moe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_logits_match_its_dequantized_weights(tmp_path, name, dtype):
-    """Every linear layer (dense, shared and routed experts; biases kept) quantized, the embedding, LM head
-    and routers not; prefill and decode logits as a float32 model holding the dequantized weights gives them."""
+    """Every linear layer (dense, shared and routed experts; biases kept) and the LM head quantized, the
+    embedding and routers not; prefill and decode logits as a float32 model holding the dequantized weights
+    gives them."""
     path, model_type = tiny_checkpoint(tmp_path, name)
     with open_checkpoint(path) as reader:
         quantized = load_model(reader, model_type, 64, torch.device("cpu"), dtype, quantize_on_load="w8a16")
@@ -100,6 +103,7 @@ def test_the_engine_quantizes_as_the_config_says(tmp_path):
     model = engine.worker.runner.model
     assert any(isinstance(getattr(m, "method", None), Int8WeightOnlyMethod) for m in model.modules())
     assert {p.dtype for n, p in model.named_parameters() if n.endswith("experts.gate_up.weight")} == {torch.int8}
+    assert model.lm_head.weight_q.dtype == torch.int8 and not hasattr(model.lm_head, "weight")
     request = engine.add_request([5, 9, 31, 2], SamplingParams(max_new_tokens=6, temperature=0, stop_with_eos=False))
     while engine.has_unfinished():
         engine.step()

@@ -15,6 +15,7 @@ from chitu.distributed.parallel_state import parallel_state
 from chitu.distributed.sharding import vocab_shard
 from chitu.layers.loadable import copy_into
 from chitu.ops.linear import linear
+from chitu.quant.int8 import int8_linear, quantize_per_channel
 
 
 class VocabParallelRows(nn.Module):
@@ -47,19 +48,34 @@ class Embedding(VocabParallelRows):
 
 class LMHead(VocabParallelRows):
     """Projects hidden states to float32 logits. A tied head shares the embedding's rows when this
-    rank has the embedding (`tied_to`), else it reads them from the checkpoint tensor `source`."""
+    rank has the embedding (`tied_to`), else it reads them from the checkpoint tensor `source`. With
+    `int8` (W8A16) the head multiplies an int8 copy of its rows once they are loaded (quant/int8.py);
+    a tied head leaves the embedding its own rows."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None,
-                 tied_to: Embedding | None = None, source: str | None = None):
+                 tied_to: Embedding | None = None, source: str | None = None, int8: bool = False):
         super().__init__(vocab_size, dim, dtype)
         self.tied = tied_to is not None
         self.source = source
+        self.int8 = int8
         if tied_to is not None:
             self.weight = tied_to.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = tp_all_gather(linear(hidden, self.weight))
-        return logits[:, : self.vocab_size].float()
+        if hasattr(self, "weight_q"):
+            logits = int8_linear(hidden, self.weight_q, self.weight_scale)
+        else:
+            logits = linear(hidden, self.weight)
+        return tp_all_gather(logits)[:, : self.vocab_size].float()
+
+    def after_loading(self) -> None:
+        if not self.int8 or hasattr(self, "weight_q"):
+            return
+        q, scale = quantize_per_channel(self.weight, self.weight.dtype)
+        self.weight_q = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if not self.tied:
+            del self.weight
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
         if not self.tied:

@@ -27,6 +27,7 @@ class QuantConfig:
     """Per-layer linear methods; methods for quantized formats add their settings here."""
 
     method: LinearMethod = field(default=UNQUANTIZED)
+    int8_lm_head: bool = False  # W8A16 quantizes the LM head too (layers/embedding.py)
 
     @classmethod
     def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn",
@@ -60,7 +61,7 @@ class QuantConfig:
         if getattr(config, "kv_lora_rank", None):
             raise UnsupportedQuantizationError(f"quant={method} is not built for multi-head latent attention "
                                                "(DeepSeek-V2/V3) yet: its projections are folded as dense weights")
-        return cls(Int8WeightOnlyMethod())
+        return cls(Int8WeightOnlyMethod(), int8_lm_head=True)
 
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method of the linear layer whose checkpoint name is `prefix`."""

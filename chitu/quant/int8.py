@@ -1,7 +1,7 @@
 """W8A16: int8 weights with one scale per output channel (symmetric), activations in the compute dtype.
 
 `quant=w8a16 quant_on_load=True` quantizes every linear layer's weight (dense projections and MoE
-experts; not the embedding, the LM head or the routers) as the checkpoint is read. Each scale is rounded
+experts; not the embedding or the routers) as the checkpoint is read, and the LM head once it is loaded. Each scale is rounded
 to the compute dtype before the weight is divided by it, so q * scale is exactly the weight the
 kernel multiplies: the dequantized reference is exact. On the CPU, bf16/fp16 activations take torch's
 int8 weight-only kernel (`_weight_int8pack_mm`: ~3x the rows per second of a bf16 matmul at one row on
