@@ -43,16 +43,22 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 @dataclass(frozen=True)
 class Int8ExpertStack:
-    """Stacked int8 experts [E, out, in] with scales [E, out]: what the MoE reference multiplies expert by expert."""
+    """Stacked int8 experts [E, out, in] with scales [E, out], and each expert's views of them (made once:
+    a decode step multiplies hundreds of experts one by one, and indexing the stacks each time shows)."""
     q: torch.Tensor
     scale: torch.Tensor
+    experts: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @classmethod
+    def of(cls, q: torch.Tensor, scale: torch.Tensor) -> Int8ExpertStack:
+        return cls(q, scale, tuple(zip(q.unbind(0), scale.unbind(0))))
 
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
 
     def expert_linear(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.q[expert], self.scale[expert])
+        return int8_linear(x, *self.experts[expert])
 
 
 class Int8WeightOnlyMethod(LinearMethod):
@@ -76,4 +82,7 @@ class Int8WeightOnlyMethod(LinearMethod):
         return y if bias is None else y + bias
 
     def stacked(self, layer: nn.Module) -> Int8ExpertStack:
-        return Int8ExpertStack(layer.weight, layer.weight_scale)
+        stack = getattr(layer, "_int8_stack", None)
+        if stack is None or stack.q is not layer.weight:
+            stack = layer._int8_stack = Int8ExpertStack.of(layer.weight, layer.weight_scale)
+        return stack
