@@ -34,11 +34,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (q * scale)^T in x's dtype."""
-    # the CPU kernel reads past rows whose length is not a multiple of 8 (garbage, or a crash): never hand it one
-    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
-            and q.shape[1] % 8 == 0 and q.is_contiguous()):
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
+    if _cpu_kernel_takes(x, q):
+        x = x.contiguous()
+        if x.data_ptr() % 64:
+            x = x.clone()  # a fresh allocation is aligned
+        return torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))
     return F.linear(x, dequantize(q, scale).to(x.dtype))
+
+
+def _cpu_kernel_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """torch's CPU kernel steps through a row 16 values at a time with aligned vector loads (8 on AVX2):
+    rows of other widths give garbage or crash it (seen on AVX2 with widths not a multiple of 8)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2
+            and q.shape[1] % 16 == 0 and q.is_contiguous())
 
 
 @dataclass(frozen=True)
