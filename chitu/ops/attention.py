@@ -39,9 +39,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def kernels_run(backend: str, x: torch.Tensor) -> bool:
     """Whether attention over `x` (queries, or the weights that make them) runs the Triton kernels: no
-    host reads then, so a decode step can be captured. Float32 stays on the reference: tl.dot would round
-    its operands to tf32."""
-    return backend != "ref" and triton_ops.enabled(x) and x.dtype != torch.float32
+    host reads then, so a decode step can be captured."""
+    return backend != "ref" and triton_ops.matmul_enabled(x)
 
 
 def latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, latent: int, scale: float,

@@ -16,10 +16,14 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight)
 
 
+def _single_row_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.shape[0] == 1 and weight.stride(-1) == 1 and triton_ops.enabled(x)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b). A single row on CUDA (a batch-1 decode step) takes the Triton GEMV, which streams
     the weight nearer the copy rate than cuBLAS does (benchmarks/bench_kernels.py, "gemv" rows)."""
-    if bias is None and x.dim() == 2 and x.shape[0] == 1 and weight.stride(-1) == 1 and triton_ops.enabled(x):
+    if bias is None and _single_row_gemv(x, weight):
         return kernels.gemv(x, weight)
     return F.linear(x, weight, bias)
 
@@ -29,8 +33,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(normed W^T, normed, x + residual) with normed = rms_norm(x + residual), in one launch for a
     single row on CUDA (the Triton GEMV normalises the row itself); None elsewhere."""
-    if not (x.dim() == 2 and x.shape[0] == 1 and weight.stride(-1) == 1 and norm_weight.dtype == x.dtype
-            and triton_ops.enabled(x)):
+    if not (_single_row_gemv(x, weight) and norm_weight.dtype == x.dtype):
         return None
     out = torch.empty(1, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     return kernels.norm_gemv(x, residual, norm_weight, eps, weight, out=out)

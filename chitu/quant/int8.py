@@ -81,7 +81,7 @@ class Int8WeightOnlyMethod(LinearMethod):
         weight = layer.weight if expert is None else layer.weight[expert]
         scale = layer.weight_scale if expert is None else layer.weight_scale[expert]
         rows = [reader.read(f"{prefix}.weight", torch.float32, weight.device, shard) for prefix, shard in parts]
-        q, s = quantize_per_channel(torch.cat(rows) if len(rows) > 1 else rows[0], scale.dtype)
+        q, s = quantize_per_channel(torch.cat(rows), scale.dtype)
         copy_into(weight, q, f"{parts[0][0]}.weight")
         copy_into(scale, s, f"{parts[0][0]}.weight_scale")
 

@@ -76,12 +76,11 @@ class _ExpertGroups:
     def linear(self, x: torch.Tensor, weights) -> torch.Tensor:
         """Each group's rows of x times its expert's weights^T (a stacked tensor, or quantized experts with
         `expert_linear`: quant/int8.py)."""
-        if not isinstance(weights, torch.Tensor):
-            rows = x.split(self.sizes)
-            return torch.cat([weights.expert_linear(e, r) for e, r in enumerate(rows) if r.shape[0]])
-        out_features, in_features = weights.shape[1:]
-        aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
-        if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides
-            return torch._grouped_mm(x, weights.transpose(1, 2), offs=self.offsets)
-        rows = x.split(self.sizes)
-        return torch.cat([F.linear(r, weights[e]) for e, r in enumerate(rows) if r.shape[0]])
+        if isinstance(weights, torch.Tensor):
+            out_features, in_features = weights.shape[1:]
+            aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
+            if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides
+                return torch._grouped_mm(x, weights.transpose(1, 2), offs=self.offsets)
+        expert_linear = weights.expert_linear if not isinstance(weights, torch.Tensor) else \
+            (lambda e, rows: F.linear(rows, weights[e]))
+        return torch.cat([expert_linear(e, r) for e, r in enumerate(x.split(self.sizes)) if r.shape[0]])

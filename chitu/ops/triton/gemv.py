@@ -17,13 +17,20 @@ CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages
 
 
 @triton.jit
+def _summed_chunk(x_ptr, res_ptr, cols, col_mask, HAS_RESIDUAL: tl.constexpr):
+    """x (+ residual) at `cols`, the sum rounded to x's dtype as ops/triton/norm.py rounds it."""
+    h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
+    if HAS_RESIDUAL:
+        h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(h.dtype)
+    return h
+
+
+@triton.jit
 def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col_mask, rstd, writes,
                   HAS_RESIDUAL: tl.constexpr):
     """The normalised x (+ residual) at `cols`, rounded as ops/triton/norm.py rounds it; the program
     that `writes` also stores the sum and the normalised row."""
-    h = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-    if HAS_RESIDUAL:
-        h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(h.dtype)
+    h = _summed_chunk(x_ptr, res_ptr, cols, col_mask, HAS_RESIDUAL)
     normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
     normed = (normed * tl.load(norm_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(h.dtype)
     if writes:
@@ -45,10 +52,8 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, nor
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            if HAS_RESIDUAL:
-                h = (h.to(tl.float32) + tl.load(res_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)).to(h.dtype)
-            squares += h.to(tl.float32) * h.to(tl.float32)
+            h = _summed_chunk(x_ptr, res_ptr, cols, cols < K, HAS_RESIDUAL).to(tl.float32)
+            squares += h * h
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
