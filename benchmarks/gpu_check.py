@@ -2,7 +2,7 @@
 bf16 on CUDA against transformers, CUDA-graph decode against eager, an MoE model under torchrun on one
 GPU. Prints a summary table.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py [pytest arguments, e.g. -k "not narrower"]
 """
 import sys
 import xml.etree.ElementTree as ET
@@ -18,7 +18,7 @@ SUITES = ["test/test_triton_ops.py", "test/test_models.py", "test/test_cuda_grap
 def main() -> int:
     with TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        code = pytest.main(["-q", "-p", "no:cacheprovider", f"--junitxml={report}", *SUITES])
+        code = pytest.main(["-q", "-p", "no:cacheprovider", f"--junitxml={report}", *SUITES, *sys.argv[1:]])
         rows = {}
         for case in ET.parse(report).getroot().iter("testcase"):
             suite = case.get("classname", "").split(".")[1] if "." in case.get("classname", "") else "?"

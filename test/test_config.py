@@ -59,13 +59,16 @@ def test_every_model_fragment_composes():
     ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),
     ("dtype=float8", "dtype=float8 is not one of"),
     ("quant=gguf", "quant=gguf: GGUF blocks kept quantized is not built"),
-    ("quant=w8a16", "quant=w8a16 quantizes an unquantized checkpoint as it loads: add quant_on_load=True"),
+    ("quant=w8a16", "quant=w8a16 needs int8 weights: quantize the checkpoint as it loads (quant_on_load=True)"),
     ("quant_on_load=True", "quant_on_load=True needs a method that quantizes while loading: quant=w8a16"),
     ("quant=int4", "quant=int4 is not one of"),
+    ("quant=w8a16 quant_on_load=True skip_preprocess=True", "preprocessed already (quantized when it was saved)"),
+    ("skip_preprocess=True quant_ckpt_dir=/", "give one of them"),
+    ("quant_ckpt_dir=/no/such/dir", "quant_ckpt_dir=/no/such/dir: no such directory"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as error:
-        compose_config([override])
+        compose_config(override.split())
     assert message in str(error.value)
 
 

@@ -164,8 +164,6 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
     "quant": ((None, "w8a16"), "GGUF blocks kept quantized"),
-    "quant_ckpt_dir": ((None,), "pre-quantized checkpoints"),
-    "skip_preprocess": ((False,), "preprocessed checkpoints"),
     "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
 }
 
@@ -227,13 +225,23 @@ def _check_values(config: ChituConfig) -> None:
 
 
 def _check_quantize_on_load(config: ChituConfig) -> None:
-    """quant=w8a16 quantizes as the checkpoint loads: it needs quant_on_load=True, which needs a method."""
+    """quant=w8a16 quantizes as the checkpoint loads (quant_on_load=True, which needs a method), or names
+    the method a preprocessed checkpoint was quantized with (skip_preprocess / quant_ckpt_dir)."""
+    preprocessed = config.skip_preprocess or config.quant_ckpt_dir
     if config.quant_on_load and config.quant != "w8a16":
         raise ConfigError(f"quant_on_load=True needs a method that quantizes while loading: quant=w8a16 "
                           f"(quant={config.quant})")
-    if config.quant == "w8a16" and not config.quant_on_load:
-        raise ConfigError("quant=w8a16 quantizes an unquantized checkpoint as it loads: add quant_on_load=True "
-                          "(reading pre-quantized int8 checkpoints, quant_ckpt_dir, is not built yet)")
+    if config.quant_on_load and preprocessed:
+        raise ConfigError("quant_on_load=True quantizes the checkpoint as it loads, but skip_preprocess / "
+                          "quant_ckpt_dir read one preprocessed already (quantized when it was saved): drop quant_on_load")
+    if config.quant == "w8a16" and not (config.quant_on_load or preprocessed):
+        raise ConfigError("quant=w8a16 needs int8 weights: quantize the checkpoint as it loads (quant_on_load=True), "
+                          "or read one saved quantized by script/preprocess_and_save.py (quant_ckpt_dir=<dir>)")
+    if config.skip_preprocess and config.quant_ckpt_dir:
+        raise ConfigError("skip_preprocess=True reads models.ckpt_dir as a preprocessed checkpoint and quant_ckpt_dir "
+                          "names one too: give one of them")
+    if config.quant_ckpt_dir and not os.path.isdir(config.quant_ckpt_dir):
+        raise ConfigError(f"quant_ckpt_dir={config.quant_ckpt_dir}: no such directory")
 
 
 def _packaged_file(spec: str) -> str:

@@ -13,15 +13,13 @@ import logging
 import torch
 from torch import nn
 
-from chitu.checkpoint import open_checkpoint
 from chitu.config.schema import ChituConfig, ConfigError
 from chitu.distributed.comm import Mailbox, all_reduce_min, broadcast_in_stage
 from chitu.distributed.parallel_state import ParallelState, destroy_parallel, init_parallel
 from chitu.engine.kv_cache import blocks_for
 from chitu.layers.kv_cache_spec import kv_cache_layers
-from chitu.models.loader import load_model
-from chitu.platform import (memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device,
-                            resolve_dtype)
+from chitu.models.loader import load_configured_model
+from chitu.platform import memory_budget, resolve_attention_backend, resolve_cuda_graph, resolve_device
 from chitu.runner.cuda_graph import capturable
 from chitu.runner.model_runner import ModelRunner, PendingSamples, SamplingFailed
 from chitu.runner.step_plan import PlanKind, StepPlan
@@ -38,7 +36,7 @@ class Worker:
         self.device = resolve_device(config)
         self.parallel: ParallelState = init_parallel(config, self.device)
         attention_backend = resolve_attention_backend(config, self.device)
-        self.model = model if model is not None else self._load_model()
+        self.model = model if model is not None else load_configured_model(config, self.device)
         for layer in kv_cache_layers(self.model):
             layer.backend = attention_backend
         infer = config.infer
@@ -51,16 +49,6 @@ class Worker:
         self.runner.allocate_kv_cache(self.num_blocks)
         logger.info("KV cache: %d blocks of %d tokens; attention: %s; CUDA graphs: %s",
                     self.num_blocks, infer.block_size, attention_backend, self.runner.use_cuda_graph)
-
-    def _load_model(self) -> nn.Module:
-        config = self.config
-        reader = open_checkpoint(config.models.checkpoint_path())
-        try:
-            return load_model(reader, config.models.type, config.infer.max_seq_len, self.device, resolve_dtype(config),
-                              config.infer.mla_absorb, config.infer.raise_lower_bit_float_to,
-                              config.quant if config.quant_on_load else None)
-        finally:
-            reader.close()
 
     def _affordable_kv_blocks(self) -> int:
         infer = self.config.infer

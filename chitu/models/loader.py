@@ -1,18 +1,67 @@
-"""Build the model for a checkpoint and fill it, one tensor at a time, straight on its device."""
+"""Build the model for a checkpoint and fill it, one tensor at a time, straight on its device; or
+build it as a preprocessed checkpoint's files were made and read this rank's file."""
 from __future__ import annotations
 
 import logging
+import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import AutoConfig
 
-from chitu.checkpoint import CheckpointReader
+from chitu.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
+from chitu.checkpoint.preprocessed import LAYOUT_FILE, Layout, load_rank
+from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.loadable import LoadsWeights, ProcessesWeights
 from chitu.models.registry import architecture_of, build_model
+from chitu.platform import resolve_dtype
 from chitu.quant.config import UnsupportedQuantizationError
 
+if TYPE_CHECKING:
+    from chitu.config.schema import ChituConfig
+
 logger = logging.getLogger(__name__)
+
+
+def load_configured_model(config: ChituConfig, device: torch.device) -> nn.Module:
+    """This rank's model as `config` asks: read from the checkpoint (quantized as it loads with
+    quant_on_load=True), or from a preprocessed checkpoint — models.ckpt_dir with skip_preprocess=True,
+    or quant_ckpt_dir."""
+    dtype = resolve_dtype(config)
+    preprocessed = config.quant_ckpt_dir or (config.models.checkpoint_path() if config.skip_preprocess else None)
+    if preprocessed:
+        return load_preprocessed_model(preprocessed, config, device, dtype)
+    if os.path.isfile(os.path.join(config.models.checkpoint_path(), LAYOUT_FILE)):
+        raise CheckpointError(f"{config.models.checkpoint_path()} is a preprocessed checkpoint (it holds {LAYOUT_FILE}): "
+                              f"read it with skip_preprocess=True")
+    with open_checkpoint(config.models.checkpoint_path()) as reader:
+        return load_model(reader, config.models.type, config.infer.max_seq_len, device, dtype, config.infer.mla_absorb,
+                          config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None)
+
+
+def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Build the model the files were made from, bring it to its loaded form (the after-loading steps
+    over zeroed weights: folding and quantizing change which tensors a layer holds), then read them."""
+    layout = Layout.read(directory)
+    layout.check_run(Layout.of(config, dtype, config.quant), directory)
+    with torch.device(device):
+        model = build_model(AutoConfig.from_pretrained(directory), layout.model_type, config.infer.max_seq_len, dtype,
+                            layout.mla_absorb, layout.raise_lower_bit_float_to, layout.quant)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.zero_()
+    _after_loading(model)
+    load_rank(model, directory, parallel_state().rank, device)
+    logger.info("loaded rank %d of the preprocessed checkpoint %s", parallel_state().rank, directory)
+    return model.eval()
+
+
+def _after_loading(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, ProcessesWeights):
+            module.after_loading()
 
 
 def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
@@ -29,9 +78,7 @@ def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoadsWeights)]
     for name, module in tqdm(modules, desc=f"Loading {reader.path}", unit="module", mininterval=1.0):
         module.load_weights(reader, name)
-    for module in model.modules():
-        if isinstance(module, ProcessesWeights):
-            module.after_loading()
+    _after_loading(model)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("loaded %.1fM parameters as %s on %s", num_params / 1e6, dtype, device)
     return model.eval()
