@@ -169,6 +169,12 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, context_lens_ptr, 
              out.to(out_ptr.dtype.element_ty), mask=(rows < q_len)[:, None] & (dv < HEAD_DIM_V)[None, :])
 
 
+def _block_of(dim: int) -> int:
+    """A tile's width over a head dimension. Below 32, tl.dot over the prefill's 64x64 tiles gave wrong
+    values or illegal accesses on an H200 (triton 3.6, head_dim_v 12 in a 16-wide tile)."""
+    return max(32, triton.next_power_of_2(dim))
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -203,13 +209,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     mid_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty(batch, heads, head_dim_v, dtype=q.dtype, device=q.device)
-    block_dv = triton.next_power_of_2(head_dim_v)
+    block_dv = _block_of(head_dim_v)
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, mid_out, mid_lse, q.stride(0), q.stride(1),
         block_tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], scale * LOG2E, split_len,
         EVEN_SPLITS=splits >= EVEN_SPLITS_FROM, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv, BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_D=_block_of(head_dim), BLOCK_DV=block_dv, BLOCK_N=DECODE_BLOCK_N,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     _decode_merge_kernel[(batch, heads)](
@@ -234,7 +240,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
         scale * LOG2E, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_D=_block_of(head_dim), BLOCK_DV=_block_of(head_dim_v),
         BLOCK_N=PREFILL_BLOCK_N, num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES,
     )
     return out
