@@ -11,7 +11,7 @@ in the same run, interleaved round by round, on two models:
 
     python benchmarks/bench_offline.py [--rounds 2] [--new-tokens 64] [--batches 1 8 32]
         [--moe-new-tokens 16] [--moe-batches 1 8] [--moe-dtypes bfloat16 float32] [--moe-only | --no-moe]
-        [--quant w8a16]
+        [--quant w8a16 simple_w8a8]
 
 Reports decode tokens/s at each batch size (total over the batch, prefill excluded), the time to
 prefill one 128-token prompt, and Chitu's decode speed over transformers' at the same batch size.
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None, moe_config: dict = MOE_CONFIG) -> None:
     parser.add_argument("--moe-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--moe-dtypes", nargs="+", choices=list(SHORT_DTYPES), default=["bfloat16", "float32"],
                         help="the dtypes both engines run the MoE model in")
-    parser.add_argument("--quant", nargs="*", choices=["w8a16"], default=[],
+    parser.add_argument("--quant", nargs="*", choices=["w8a16", "simple_w8a8"], default=[],
                         help="also Chitu in bf16 with these weights quantized as they load (quant_on_load=True)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--moe-only", action="store_true", help="only the random Qwen3-MoE")

@@ -62,8 +62,9 @@ def logits_of(model, steps: int = 4) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name,overrides", [
     ("qwen3-moe", ["dtype=bfloat16", "quant=w8a16", "quant_on_load=True"]),  # int8 experts and LM head
     ("llama3-rope-scaling-tied", ["dtype=float32", "quant=w8a16", "quant_on_load=True"]),  # int8 head tied to the embedding
+    ("llama", ["dtype=float32", "quant=simple_w8a8", "quant_on_load=True"]),
     ("deepseek-v3", ["dtype=float32", "infer.mla_absorb=absorb"]),  # kv_b_proj folded into q and o, then dropped
-], ids=["w8a16-moe", "w8a16-tied", "mla-absorb"])
+], ids=["w8a16-moe", "w8a16-tied", "w8a8", "mla-absorb"])
 def test_layers_rewritten_after_loading_come_back_as_loaded(tmp_path, name, overrides):
     """In one process: the model read from the saved file holds the tensors the loaded one held, and its
     logits are those logits exactly; the quantized save reads back through the manual's quant_ckpt_dir."""

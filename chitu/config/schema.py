@@ -149,7 +149,7 @@ CHOICES: dict[str, tuple] = {
     "float_16bit_variant": ("bfloat16", "float16"),
     "dtype": (None, "bfloat16", "float16", "float32"),
     "device": ("auto", "cuda", "cpu"),
-    "quant": (None, "gguf", "w8a16"),
+    "quant": (None, "gguf", "w8a16", "simple_w8a8"),
 }
 
 POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_len", "infer.block_size",
@@ -163,7 +163,7 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.dp_size": ((1,), "data parallelism"),
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
-    "quant": ((None, "w8a16"), "GGUF blocks kept quantized"),
+    "quant": ((None, "w8a16", "simple_w8a8"), "GGUF blocks kept quantized"),
     "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
 }
 
@@ -225,18 +225,20 @@ def _check_values(config: ChituConfig) -> None:
 
 
 def _check_quantize_on_load(config: ChituConfig) -> None:
-    """quant=w8a16 quantizes as the checkpoint loads (quant_on_load=True, which needs a method), or names
-    the method a preprocessed checkpoint was quantized with (skip_preprocess / quant_ckpt_dir)."""
+    """quant=w8a16 / simple_w8a8 quantize as the checkpoint loads (quant_on_load=True, which needs one of
+    them), or name the method a preprocessed checkpoint was quantized with (skip_preprocess / quant_ckpt_dir)."""
     preprocessed = config.skip_preprocess or config.quant_ckpt_dir
-    if config.quant_on_load and config.quant != "w8a16":
-        raise ConfigError(f"quant_on_load=True needs a method that quantizes while loading: quant=w8a16 "
-                          f"(quant={config.quant})")
+    int8 = config.quant in ("w8a16", "simple_w8a8")
+    if config.quant_on_load and not int8:
+        raise ConfigError(f"quant_on_load=True needs a method that quantizes while loading: quant=w8a16 or "
+                          f"quant=simple_w8a8 (quant={config.quant})")
     if config.quant_on_load and preprocessed:
         raise ConfigError("quant_on_load=True quantizes the checkpoint as it loads, but skip_preprocess / "
                           "quant_ckpt_dir read one preprocessed already (quantized when it was saved): drop quant_on_load")
-    if config.quant == "w8a16" and not (config.quant_on_load or preprocessed):
-        raise ConfigError("quant=w8a16 needs int8 weights: quantize the checkpoint as it loads (quant_on_load=True), "
-                          "or read one saved quantized by script/preprocess_and_save.py (quant_ckpt_dir=<dir>)")
+    if int8 and not (config.quant_on_load or preprocessed):
+        raise ConfigError(f"quant={config.quant} needs int8 weights: quantize the checkpoint as it loads "
+                          f"(quant_on_load=True), or read one saved quantized by script/preprocess_and_save.py "
+                          f"(quant_ckpt_dir=<dir>)")
     if config.skip_preprocess and config.quant_ckpt_dir:
         raise ConfigError("skip_preprocess=True reads models.ckpt_dir as a preprocessed checkpoint and quant_ckpt_dir "
                           "names one too: give one of them")

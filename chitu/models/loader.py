@@ -46,6 +46,7 @@ def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.d
     over zeroed weights: folding and quantizing change which tensors a layer holds), then read them."""
     layout = Layout.read(directory)
     layout.check_run(Layout.of(config, dtype, config.quant), directory)
+    _check_quantized_device(layout.quant, device)
     with torch.device(device):
         model = build_model(AutoConfig.from_pretrained(directory), layout.model_type, config.infer.max_seq_len, dtype,
                             layout.mla_absorb, layout.raise_lower_bit_float_to, layout.quant)
@@ -58,6 +59,12 @@ def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.d
     return model.eval()
 
 
+def _check_quantized_device(quant: str | None, device: torch.device) -> None:
+    if quant and device.type != "cpu":
+        raise UnsupportedQuantizationError(f"quant={quant} runs on the CPU only for now "
+                                           f"(device={device.type}: its GPU kernels are not built yet)")
+
+
 def _after_loading(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, ProcessesWeights):
@@ -67,9 +74,7 @@ def _after_loading(model: nn.Module) -> None:
 def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
                device: torch.device, dtype: torch.dtype, mla_absorb: str = "none",
                raise_lower_bit_float_to: str = "float8_e4m3fn", quantize_on_load: str | None = None) -> nn.Module:
-    if quantize_on_load and device.type != "cpu":
-        raise UnsupportedQuantizationError(f"quant={quantize_on_load} runs on the CPU only for now "
-                                           f"(device={device.type}: its GPU kernels are not built yet)")
+    _check_quantized_device(quantize_on_load, device)
     config = reader.hf_config()
     with torch.device(device):
         model = build_model(config, model_type, max_positions, dtype, mla_absorb, raise_lower_bit_float_to,

@@ -4,7 +4,7 @@ Unquantized weights, and FP8 block-quantized ones dequantized at load (`infer.ra
 bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read. A checkpoint declaring any
 other quantization is refused with its name: loading its packed or fp8 tensors as plain weights, without
 their scales, would serve garbage. `quant=w8a16 quant_on_load=True` quantizes an unquantized checkpoint's
-linear layers to int8 as they load (quant/int8.py).
+linear layers to int8 as they load, and `quant=simple_w8a8` also its activations as they come (quant/int8.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from transformers import PretrainedConfig
 
 from chitu.errors import UserError
 from chitu.quant.fp8_block import Fp8BlockDequantizedMethod
-from chitu.quant.int8 import Int8WeightOnlyMethod
+from chitu.quant.int8 import Int8DynamicActivationMethod, Int8WeightOnlyMethod
 from chitu.quant.linear_method import UNQUANTIZED, LinearMethod
 
 
@@ -22,18 +22,22 @@ class UnsupportedQuantizationError(UserError):
     pass
 
 
+# quant=<name> quant_on_load=True: the method each name quantizes an unquantized checkpoint's linear layers to
+QUANTIZE_ON_LOAD = {"w8a16": Int8WeightOnlyMethod, "simple_w8a8": Int8DynamicActivationMethod}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Per-layer linear methods; methods for quantized formats add their settings here."""
 
     method: LinearMethod = field(default=UNQUANTIZED)
-    int8_lm_head: bool = False  # W8A16 quantizes the LM head too (layers/embedding.py)
+    int8_lm_head: bool = False  # the int8 methods quantize the LM head too, as W8A16 (layers/embedding.py)
 
     @classmethod
     def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn",
                         quantize_on_load: str | None = None) -> QuantConfig:
         """raise_lower_bit_float_to: `bfloat16` dequantizes fp8 weights at load; the default keeps them fp8.
-        quantize_on_load: the method (`w8a16`) that quantizes an unquantized checkpoint as it loads."""
+        quantize_on_load: the method (QUANTIZE_ON_LOAD) that quantizes an unquantized checkpoint as it loads."""
         declared = getattr(config, "quantization_config", None)
         if quantize_on_load:
             return cls._on_load(config, quantize_on_load, declared)
@@ -61,7 +65,7 @@ class QuantConfig:
         if getattr(config, "kv_lora_rank", None):
             raise UnsupportedQuantizationError(f"quant={method} is not built for multi-head latent attention "
                                                "(DeepSeek-V2/V3) yet: its projections are folded as dense weights")
-        return cls(Int8WeightOnlyMethod(), int8_lm_head=True)
+        return cls(QUANTIZE_ON_LOAD[method](), int8_lm_head=True)
 
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method of the linear layer whose checkpoint name is `prefix`."""

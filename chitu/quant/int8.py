@@ -1,15 +1,18 @@
-"""W8A16: int8 weights with one scale per output channel (symmetric), activations in the compute dtype.
+"""Int8 weights with one scale per output channel (symmetric): W8A16 keeps activations in the compute
+dtype; W8A8 (`simple_w8a8`) quantizes them too, per token as they come, for an int8 GEMM.
 
-`quant=w8a16 quant_on_load=True` quantizes every linear layer's weight (dense projections and MoE
+`quant=w8a16 quant_on_load=True` (or quant=simple_w8a8) quantizes every linear layer's weight (dense projections and MoE
 experts; not the embedding or the routers) as the checkpoint is read, and the LM head once it is loaded. Each scale is rounded
 to the compute dtype before the weight is divided by it, so q * scale is exactly the weight the
 kernel multiplies: the dequantized reference is exact. On the CPU, bf16/fp16 activations take torch's
 int8 weight-only kernel (`_weight_int8pack_mm`: ~3x the rows per second of a bf16 matmul at one row on
-AVX2); float32 activations multiply the dequantized weight (exact, not faster).
+AVX2); float32 activations multiply the dequantized weight (exact, not faster). W8A8 multiplies int8
+by int8 into int32 exactly (torch._int_mm), then applies both scales; the LM head stays W8A16.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return F.linear(x, dequantize(q, scale).to(x.dtype))
 
 
+def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (q * scale)^T in x's dtype, x quantized per row (its absmax / 127) as it comes; the int32 sums
+    are exact, so the result is the product of the two dequantized operands up to float32 rounding."""
+    x_q, x_scale = quantize_per_channel(x.reshape(-1, x.shape[-1]), torch.float32)
+    product = torch._int_mm(x_q, q.t()).float() * x_scale[:, None] * scale.float()
+    return product.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+
+
 def _cpu_kernel_takes(x: torch.Tensor, q: torch.Tensor) -> bool:
     """torch's CPU kernel steps through a row 16 values at a time with aligned vector loads (8 on AVX2):
     rows of other widths give garbage or crash it (seen on AVX2 with widths not a multiple of 8). It
@@ -61,20 +72,23 @@ class Int8ExpertStack:
     q: torch.Tensor
     scale: torch.Tensor
     experts: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
     @classmethod
-    def of(cls, q: torch.Tensor, scale: torch.Tensor) -> Int8ExpertStack:
-        return cls(q, scale, tuple(zip(q.unbind(0), scale.unbind(0))))
+    def of(cls, q: torch.Tensor, scale: torch.Tensor, linear) -> Int8ExpertStack:
+        return cls(q, scale, tuple(zip(q.unbind(0), scale.unbind(0))), linear)
 
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
 
     def expert_linear(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, *self.experts[expert])
+        return self.linear(x, *self.experts[expert])
 
 
 class Int8WeightOnlyMethod(LinearMethod):
+    linear = staticmethod(int8_linear)
+
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype,
                        num_experts: int | None = None) -> None:
         rows = (out_features,) if num_experts is None else (num_experts, out_features)
@@ -91,11 +105,16 @@ class Int8WeightOnlyMethod(LinearMethod):
         copy_into(scale, s, f"{parts[0][0]}.weight_scale")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = int8_linear(x, layer.weight, layer.weight_scale)
+        y = self.linear(x, layer.weight, layer.weight_scale)
         return y if bias is None else y + bias
 
     def stacked(self, layer: nn.Module) -> Int8ExpertStack:
         stack = getattr(layer, "_int8_stack", None)
         if stack is None or stack.q is not layer.weight:
-            stack = layer._int8_stack = Int8ExpertStack.of(layer.weight, layer.weight_scale)
+            stack = layer._int8_stack = Int8ExpertStack.of(layer.weight, layer.weight_scale, self.linear)
         return stack
+
+
+class Int8DynamicActivationMethod(Int8WeightOnlyMethod):
+    """W8A8 (simple_w8a8): the weights of W8A16, activations quantized per token for an int8 GEMM."""
+    linear = staticmethod(w8a8_linear)
