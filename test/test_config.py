@@ -58,7 +58,6 @@ def test_every_model_fragment_composes():
     ("serve.port=80", "serve.port=80"),
     ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),
     ("dtype=float8", "dtype=float8 is not one of"),
-    ("quant=gguf", "quant=gguf: GGUF blocks kept quantized is not built"),
     ("quant=w8a16", "quant=w8a16 needs int8 weights: quantize the checkpoint as it loads (quant_on_load=True)"),
     ("quant_on_load=True", "quant_on_load=True needs a method that quantizes while loading: quant=w8a16 or"),
     ("quant=simple_w8a8", "quant=simple_w8a8 needs int8 weights"),

@@ -104,6 +104,8 @@ LAYOUTS = [
     # 9 heads in 3 KV groups: one rank gets one group, the other two
     ("smollm2", 2, ["infer.tp_size=2"]),
     ("smollm2", 2, ["infer.pp_size=2", *SPLIT_DECODE]),
+    # GGUF blocks kept (quant=gguf): each rank slices its rows, or whole blocks of its columns
+    ("smollm2", 2, ["infer.tp_size=2", "quant=gguf"]),
     # MoE: experts sliced over the tensor ranks (ep_size=1), whole experts per rank (ep_size=tp_size),
     # and both at once (two expert groups of two ranks); attention tensor-parallel throughout
     ("qwen3-moe", 2, ["infer.tp_size=2"]),

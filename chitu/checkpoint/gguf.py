@@ -83,13 +83,11 @@ class GGUFCheckpointReader(CheckpointReader):
             values = dequantize(raw.data, tensor.stored.tensor_type, dtype)
         except ValueError as error:
             raise CheckpointError(f"cannot decode tensor {name!r} in {self.path}: {error}") from error
-        if tensor.permuted_head_dim:
-            values = _unpermute_rows(values, tensor.permuted_head_dim)
         return values.narrow(shard.dim, shard.start - raw.shard.start, shard.length).contiguous()
 
     def read_raw(self, name: str, shard: Shard | None = None, device: str | torch.device = "cpu") -> RawTensor:
         """The stored blocks of a window holding `shard` that spans whole quantization blocks (and
-        permuted heads), as uint8 rows [..., bytes per row]; Q/K rows stay in llama.cpp's order."""
+        permuted heads), as uint8 rows [..., bytes per row], rows in HF order (Q/K rows unpermuted)."""
         tensor = self._lookup(name)
         if shard is None:
             shard = Shard(0, 0, tensor.shape[0])
@@ -97,6 +95,8 @@ class GGUFCheckpointReader(CheckpointReader):
             self._check_shard(name, shard)
         window = _decodable_window(tensor, shard)
         raw = torch.from_numpy(_window_bytes(tensor, window)).to(device)
+        if tensor.permuted_head_dim:
+            raw = _unpermute_rows(raw, tensor.permuted_head_dim)
         return RawTensor(raw, gguf.GGMLQuantizationType(tensor.stored.tensor_type).name, window)
 
     def hf_config(self) -> PretrainedConfig:

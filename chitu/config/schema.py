@@ -163,7 +163,6 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.dp_size": ((1,), "data parallelism"),
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
-    "quant": ((None, "w8a16", "simple_w8a8"), "GGUF blocks kept quantized"),
     "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
 }
 

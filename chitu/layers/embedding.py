@@ -16,6 +16,7 @@ from chitu.distributed.sharding import vocab_shard
 from chitu.layers.loadable import copy_into
 from chitu.ops.linear import linear
 from chitu.quant.int8 import int8_linear, quantize_per_channel
+from chitu.quant.linear_method import LinearMethod
 
 
 class VocabParallelRows(nn.Module):
@@ -50,19 +51,26 @@ class LMHead(VocabParallelRows):
     """Projects hidden states to float32 logits. A tied head shares the embedding's rows when this
     rank has the embedding (`tied_to`), else it reads them from the checkpoint tensor `source`. With
     `int8` (W8A16) the head multiplies an int8 copy of its rows once they are loaded (quant/int8.py);
-    a tied head leaves the embedding its own rows."""
+    with a `method` (quant=gguf) it multiplies the checkpoint's rows as stored; a tied head leaves the
+    embedding its own rows."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None,
-                 tied_to: Embedding | None = None, source: str | None = None, int8: bool = False):
+                 tied_to: Embedding | None = None, source: str | None = None, int8: bool = False,
+                 method: LinearMethod | None = None):
         super().__init__(vocab_size, dim, dtype)
         self.tied = tied_to is not None
         self.source = source
         self.int8 = int8
+        self.method = method
         if tied_to is not None:
             self.weight = tied_to.weight
+        if method is not None:
+            method.create_weights(self, self.span.length, dim, dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "weight_q"):
+        if self.method is not None:  # this rank's rows without the padding, which the gather expects
+            logits = F.pad(self.method.apply(self, hidden), (0, self.weight.shape[0] - self.span.length))
+        elif hasattr(self, "weight_q"):
             logits = int8_linear(hidden, self.weight_q, self.weight_scale)
         else:
             logits = linear(hidden, self.weight)
@@ -78,5 +86,8 @@ class LMHead(VocabParallelRows):
             del self.weight
 
     def load_weights(self, reader: CheckpointReader, prefix: str) -> None:
-        if not self.tied:
-            self.load_rows(reader, f"{self.source or prefix}.weight")
+        source = self.source or prefix
+        if self.method is not None:
+            self.method.load(self, reader, [(source, Shard(0, self.span.start, self.span.length))])
+        elif not self.tied:
+            self.load_rows(reader, f"{source}.weight")

@@ -113,7 +113,8 @@ class CausalLM(nn.Module):
             tied = getattr(config, "tie_word_embeddings", False)
             self.lm_head = LMHead(config.vocab_size, config.hidden_size, ctx.dtype,
                                   tied_to=self.model.embed_tokens if tied else None,
-                                  source="model.embed_tokens" if tied else None, int8=ctx.quant.int8_lm_head)
+                                  source="model.embed_tokens" if tied else None, int8=ctx.quant.int8_lm_head,
+                                  method=ctx.quant.lm_head)
 
     def forward(self, token_ids: torch.Tensor | None, meta: AttentionMetadata,
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:

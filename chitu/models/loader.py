@@ -12,6 +12,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from chitu.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
+from chitu.checkpoint.gguf import GGUFCheckpointReader
 from chitu.checkpoint.preprocessed import LAYOUT_FILE, Layout, load_rank
 from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.loadable import LoadsWeights, ProcessesWeights
@@ -38,7 +39,8 @@ def load_configured_model(config: ChituConfig, device: torch.device) -> nn.Modul
                               f"read it with skip_preprocess=True")
     with open_checkpoint(config.models.checkpoint_path()) as reader:
         return load_model(reader, config.models.type, config.infer.max_seq_len, device, dtype, config.infer.mla_absorb,
-                          config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None)
+                          config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None,
+                          gguf_blocks=config.quant == "gguf")
 
 
 def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -73,12 +75,17 @@ def _after_loading(model: nn.Module) -> None:
 
 def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
                device: torch.device, dtype: torch.dtype, mla_absorb: str = "none",
-               raise_lower_bit_float_to: str = "float8_e4m3fn", quantize_on_load: str | None = None) -> nn.Module:
-    _check_quantized_device(quantize_on_load, device)
+               raise_lower_bit_float_to: str = "float8_e4m3fn", quantize_on_load: str | None = None,
+               gguf_blocks: bool = False) -> nn.Module:
+    """gguf_blocks (quant=gguf): keep a GGUF file's blocks, multiplied where they are (quant/gguf_blocks.py)."""
+    _check_quantized_device(quantize_on_load or ("gguf" if gguf_blocks else None), device)
+    if gguf_blocks and not isinstance(reader, GGUFCheckpointReader):
+        raise UnsupportedQuantizationError(f"quant=gguf keeps the blocks of a GGUF file, but {reader.path} is not one: "
+                                           f"drop quant=gguf for it")
     config = reader.hf_config()
     with torch.device(device):
         model = build_model(config, model_type, max_positions, dtype, mla_absorb, raise_lower_bit_float_to,
-                            quantize_on_load)
+                            quantize_on_load, gguf_blocks)
     reader.use_renames(architecture_of(config)[1].hf_renames)
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoadsWeights)]
     for name, module in tqdm(modules, desc=f"Loading {reader.path}", unit="module", mininterval=1.0):

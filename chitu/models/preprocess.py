@@ -24,6 +24,9 @@ def preprocess_and_save(config: ChituConfig, target: str) -> None:
     to `target` as model.rank{R}.safetensors; rank 0 adds the config, tokenizer and layout."""
     if config.skip_preprocess or config.quant_ckpt_dir:
         raise ConfigError("preprocess_and_save.py reads the original checkpoint: drop skip_preprocess / quant_ckpt_dir")
+    if config.quant == "gguf":
+        raise ConfigError("quant=gguf reads a GGUF file's blocks straight from the file: there is nothing to preprocess "
+                          "(saving them is not built)")
     device = resolve_device(config)
     state = init_parallel(config, device)
     try:

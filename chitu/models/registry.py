@@ -60,15 +60,17 @@ def architecture_of(config: PretrainedConfig) -> tuple[str, Architecture]:
 
 def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype,
                 mla_absorb: str = "none", raise_lower_bit_float_to: str = "float8_e4m3fn",
-                quantize_on_load: str | None = None) -> nn.Module:
+                quantize_on_load: str | None = None, gguf_blocks: bool = False) -> nn.Module:
     """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it.
     A checkpoint declaring a quantization Chitu has no method for is refused here; `quantize_on_load`
-    names the method that quantizes the weights as they load (quant/config.py)."""
+    names the method that quantizes the weights as they load (quant/config.py); `gguf_blocks` keeps a GGUF
+    file's blocks (quant=gguf)."""
     name, arch = architecture_of(config)
     if expected_type != arch.model_type:
         raise UnsupportedModelError(
             f"models.type={expected_type} but the checkpoint is {name} (type {arch.model_type})"
         )
-    quant = QuantConfig.from_checkpoint(config, raise_lower_bit_float_to, quantize_on_load)
+    quant = QuantConfig.gguf_blocks() if gguf_blocks else \
+        QuantConfig.from_checkpoint(config, raise_lower_bit_float_to, quantize_on_load)
     ctx = ModelContext(config, dtype, max_positions, quant, mla_absorb)
     return CausalLM(ctx, arch.layers(config))

@@ -1,7 +1,8 @@
 """Which linear method each layer of a checkpoint gets, from its `quantization_config`.
 
 Unquantized weights, and FP8 block-quantized ones dequantized at load (`infer.raise_lower_bit_float_to=
-bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read. A checkpoint declaring any
+bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read, or with quant=gguf kept
+in their blocks (quant/gguf_blocks.py). A checkpoint declaring any
 other quantization is refused with its name: loading its packed or fp8 tensors as plain weights, without
 their scales, would serve garbage. `quant=w8a16 quant_on_load=True` quantizes an unquantized checkpoint's
 linear layers to int8 as they load, and `quant=simple_w8a8` also its activations as they come (quant/int8.py).
@@ -14,6 +15,7 @@ from transformers import PretrainedConfig
 
 from chitu.errors import UserError
 from chitu.quant.fp8_block import Fp8BlockDequantizedMethod
+from chitu.quant.gguf_blocks import GGUF_BLOCKS
 from chitu.quant.int8 import Int8DynamicActivationMethod, Int8WeightOnlyMethod
 from chitu.quant.linear_method import UNQUANTIZED, LinearMethod
 
@@ -31,7 +33,14 @@ class QuantConfig:
     """Per-layer linear methods; methods for quantized formats add their settings here."""
 
     method: LinearMethod = field(default=UNQUANTIZED)
+    experts: LinearMethod | None = None  # the routed experts' method, when not `method`
     int8_lm_head: bool = False  # the int8 methods quantize the LM head too, as W8A16 (layers/embedding.py)
+    lm_head: LinearMethod | None = None  # the LM head's method, when it keeps the checkpoint's format (GGUF)
+
+    @classmethod
+    def gguf_blocks(cls) -> QuantConfig:
+        """quant=gguf: dense layers and the LM head multiply the file's blocks; experts stay dequantized for now."""
+        return cls(GGUF_BLOCKS, experts=UNQUANTIZED, lm_head=GGUF_BLOCKS)
 
     @classmethod
     def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn",
@@ -68,5 +77,8 @@ class QuantConfig:
         return cls(QUANTIZE_ON_LOAD[method](), int8_lm_head=True)
 
     def linear_method(self, prefix: str) -> LinearMethod:
-        """The method of the linear layer whose checkpoint name is `prefix`."""
+        """The method of the linear layer whose checkpoint name is `prefix` ("...mlp.experts.gate_up_proj"
+        for stacked experts)."""
+        if self.experts is not None and prefix.rpartition(".")[0].endswith("experts"):
+            return self.experts
         return self.method

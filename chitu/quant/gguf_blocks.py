@@ -1,0 +1,77 @@
+"""quant=gguf: a GGUF file's weights kept in their blocks and multiplied there (ops/cpu/gguf.py).
+
+A layer keeps one segment per checkpoint part (Q, K and V; gate and up), since a file may store the
+parts in different types (Q4_K_M files mix them). A part of a type the CPU kernels take (Q4_0, Q4_1,
+Q8_0) keeps its blocks, sliced for its shard without decoding (whole rows, or whole blocks of columns);
+any other part (F32, F16, the K-quants for now) is dequantized at load into a dense float32 segment. The
+blocks are exactly the file's, so a layer computes what the dequantized reference computes, up to
+float32 summation order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chitu.checkpoint import CheckpointReader, Shard
+from chitu.checkpoint.reader import RawTensor
+from chitu.ops.cpu import gguf as gguf_ops
+from chitu.quant.linear_method import LinearMethod
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Output rows of a layer: GGUF blocks [rows, bytes] of `qtype`, or a dense float32 [rows, in] (qtype None)."""
+    data: torch.Tensor
+    qtype: str | None
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qtype is None:
+            return F.linear(x.float(), self.data).to(x.dtype)
+        return gguf_ops.gguf_linear(x, self.data, self.qtype)
+
+
+class GGUFBlocksMethod(LinearMethod):
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype,
+                       num_experts: int | None = None) -> None:
+        if num_experts is not None:
+            raise NotImplementedError("GGUF experts stay dequantized (QuantConfig.experts)")
+        layer.in_features, layer.gguf_segments = in_features, []
+
+    def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
+             expert: int | None = None) -> None:
+        layer.gguf_segments = [self._segment(reader, f"{prefix}.weight", shard, layer.in_features)
+                               for prefix, shard in parts]
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        outs = [segment.linear(x) for segment in layer.gguf_segments]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def _segment(reader: CheckpointReader, name: str, shard: Shard | None, in_features: int) -> Segment:
+        raw = reader.read_raw(name, shard)
+        blocks = _blocks_of_shard(raw, shard)
+        if raw.qtype is not None and blocks is not None and gguf_ops.takes(raw.qtype, in_features):
+            return Segment(blocks.contiguous(), raw.qtype)
+        return Segment(reader.read(name, torch.float32, "cpu", shard), None)
+
+
+def _blocks_of_shard(raw: RawTensor, shard: Shard | None) -> torch.Tensor | None:
+    """The stored rows of `shard` without decoding them: rows are whole; columns only when the shard spans
+    whole blocks (else None)."""
+    if shard is None:
+        return raw.data
+    offset = shard.start - raw.shard.start
+    if shard.dim == 0:
+        return raw.data[offset: offset + shard.length]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[raw.qtype]]
+    if offset % block_size or shard.length % block_size:
+        return None
+    return raw.data[:, offset // block_size * type_size: (offset + shard.length) // block_size * type_size]
+
+
+GGUF_BLOCKS = GGUFBlocksMethod()

@@ -1,0 +1,59 @@
+"""quant=gguf (quant/gguf_blocks.py) on the real default model, SmolLM2 (Q4_1 layers, its tied Q8_0
+embedding as the LM head, llama.cpp-permuted Q/K rows): logits as the model holding the dequantized
+weights gives them, in float32; greedy tokens against transformers' on the same file."""
+import pytest
+import torch
+
+from chitu import LLM, SamplingParams
+from chitu.checkpoint import open_checkpoint
+from chitu.models.loader import load_model
+from chitu.quant.config import UnsupportedQuantizationError
+from chitu.quant.gguf_blocks import GGUFBlocksMethod
+from test_models import PagedRun, relative_error
+from test_quant_int8 import tiny_checkpoint
+from test_smollm2 import QUESTIONS, SYSTEM, hf_greedy, hf_reference  # noqa: F401 (a fixture)
+
+
+def smollm2(path: str, gguf_blocks: bool):
+    with open_checkpoint(path) as reader:
+        return load_model(reader, "hf-llama", 256, torch.device("cpu"), torch.float32, gguf_blocks=gguf_blocks)
+
+
+def test_blocks_give_the_dequantized_models_logits(smollm2_path):
+    blocks, dense = smollm2(smollm2_path, True), smollm2(smollm2_path, False)
+    kept = {s.qtype for m in blocks.modules() if isinstance(getattr(m, "method", None), GGUFBlocksMethod)
+            for s in m.gguf_segments}
+    assert kept == {"Q4_1", "Q8_0"}  # every projection keeps its blocks, and the LM head
+    assert blocks.lm_head.gguf_segments[0].qtype == "Q8_0"
+    runs = [PagedRun(model, 2, 48) for model in (blocks, dense)]
+    new_tokens = {0: [1, 9690, 28, 253, 5356, 30], 1: list(range(300, 337))}  # prefill two, then decode both
+    for step in range(4):
+        got, want = (run.step(new_tokens) for run in runs)
+        assert relative_error(got, want) < 1e-5, f"step {step} (0 = prefill)"
+        new_tokens = {s: [int(want[i].argmax())] for i, s in enumerate(new_tokens)}
+
+
+def test_greedy_tokens_match_transformers(hf_reference):  # noqa: F811
+    """64 greedy tokens per question, a batch of three: equal to transformers' (float32 on the
+    dequantized file) up to the first step where its best two logits are within 0.15."""
+    llm = LLM("quant=gguf", "dtype=float32", "infer.max_seq_len=512", "infer.max_reqs=4")
+    outputs = llm.chat([[SYSTEM, {"role": "user", "content": q}] for q in QUESTIONS],
+                       SamplingParams(max_new_tokens=64, temperature=0))
+    llm.close()
+    tokenizer, model = hf_reference
+    for question, output in zip(QUESTIONS, outputs):
+        expected = hf_greedy(hf_reference, question, 64)
+        agree = next((i for i, (a, b) in enumerate(zip(output.token_ids, expected)) if a != b), 64)
+        if agree < 64:  # they may part only at a near-tie of transformers' logits
+            ids = torch.tensor([output.prompt_token_ids + expected[:agree]])
+            with torch.inference_mode():
+                top2 = model(ids).logits[0, -1].float().topk(2).values
+            assert (top2[0] - top2[1]).item() < 0.15, (question, agree)
+
+
+def test_gguf_blocks_need_a_gguf_file_on_the_cpu(tmp_path, smollm2_path):
+    path, model_type = tiny_checkpoint(tmp_path, "llama")
+    with open_checkpoint(path) as reader, pytest.raises(UnsupportedQuantizationError, match="is not one"):
+        load_model(reader, model_type, 64, torch.device("cpu"), torch.float32, gguf_blocks=True)
+    with open_checkpoint(smollm2_path) as reader, pytest.raises(UnsupportedQuantizationError, match="CPU only"):
+        load_model(reader, "hf-llama", 64, torch.device("meta"), torch.float32, gguf_blocks=True)
