@@ -11,7 +11,7 @@ in the same run, interleaved round by round, on two models:
 
     python benchmarks/bench_offline.py [--rounds 2] [--new-tokens 64] [--batches 1 8 32]
         [--moe-new-tokens 16] [--moe-batches 1 8] [--moe-dtypes bfloat16 float32] [--moe-only | --no-moe]
-        [--quant w8a16 simple_w8a8]
+        [--quant w8a16 simple_w8a8 gguf]
 
 Reports decode tokens/s at each batch size (total over the batch, prefill excluded), the time to
 prefill one 128-token prompt, and Chitu's decode speed over transformers' at the same batch size.
@@ -36,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 PROMPT_LEN = 128
+QUANT_DTYPES = {"gguf": "float32"}  # the activations of a quantized run, where not bfloat16
 DECODE_PROMPT_LEN = 16
 SEED = 0
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
@@ -56,13 +57,14 @@ class ChituRunner:
 
     def __init__(self, dtype: str, max_batch: int, ckpt_dir: str | None = None, model_type: str | None = None,
                  quant: str | None = None):
-        """`quant`: a method that quantizes the weights as they load (quant=w8a16 quant_on_load=True)."""
+        """`quant`: a method that quantizes the weights as they load (quant=w8a16 quant_on_load=True), or
+        gguf (keep a GGUF file's blocks)."""
         from chitu.config import compose_config
         from chitu.engine.engine import LLMEngine
         self.name = f"chitu ({dtype}{f', {quant}' if quant else ''})"
         overrides = [f"dtype={dtype}", "device=cpu", f"infer.max_reqs={max_batch}", "infer.max_seq_len=512"]
         if quant is not None:
-            overrides += [f"quant={quant}", "quant_on_load=True"]
+            overrides += [f"quant={quant}"] + ([] if quant == "gguf" else ["quant_on_load=True"])
         if ckpt_dir is not None:
             overrides.append(f"models.ckpt_dir={ckpt_dir}")
         if model_type is not None:
@@ -157,7 +159,7 @@ class LlamaCppRunner:
 
 def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp: bool = False,
                   quants: tuple[str, ...] = ()) -> list:
-    """Chitu in each dtype (and in bf16 with each quantize-on-load method), then transformers in fp32 (the
+    """Chitu in each dtype (and with each quantization: in bf16, gguf in fp32), then transformers in fp32 (the
     baseline), then llama.cpp where asked and installed. `path`: the checkpoint; None for the default
     model (SmolLM2's GGUF)."""
     from chitu.config import ConfigError, compose_config
@@ -165,8 +167,9 @@ def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp
         hf_path = path or compose_config().models.checkpoint_path()
     except ConfigError as e:
         sys.exit(str(e))
-    runners = ([ChituRunner(d, max_batch, path) for d in dtypes] + [ChituRunner("bfloat16", max_batch, path, quant=q)
-                                                                  for q in quants] + [TransformersRunner(hf_path)])
+    runners = ([ChituRunner(d, max_batch, path) for d in dtypes]
+               + [ChituRunner(QUANT_DTYPES.get(q, "bfloat16"), max_batch, path, quant=q) for q in quants]
+               + [TransformersRunner(hf_path)])
     if llama_cpp:
         try:
             runners.append(LlamaCppRunner(hf_path))
@@ -234,7 +237,7 @@ def run_moe(args, config: dict = MOE_CONFIG) -> None:
         gc.collect()
         runners = [ChituRunner(dtype, max(args.moe_batches), directory, "hf-qwen-3-moe") for dtype in args.moe_dtypes]
         runners += [ChituRunner("bfloat16", max(args.moe_batches), directory, "hf-qwen-3-moe", quant)
-                    for quant in args.quant]
+                    for quant in args.quant if quant != "gguf"]  # a safetensors checkpoint
         # transformers' default experts (grouped_mm: one grouped matmul per projection) and its per-expert loop
         runners += [TransformersRunner(directory, dtype, experts)
                     for dtype in args.moe_dtypes for experts in ("grouped_mm", "eager")]
@@ -254,8 +257,9 @@ def main(argv: list[str] | None = None, moe_config: dict = MOE_CONFIG) -> None:
     parser.add_argument("--moe-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--moe-dtypes", nargs="+", choices=list(SHORT_DTYPES), default=["bfloat16", "float32"],
                         help="the dtypes both engines run the MoE model in")
-    parser.add_argument("--quant", nargs="*", choices=["w8a16", "simple_w8a8"], default=[],
-                        help="also Chitu in bf16 with these weights quantized as they load (quant_on_load=True)")
+    parser.add_argument("--quant", nargs="*", choices=["w8a16", "simple_w8a8", "gguf"], default=[],
+                        help="also Chitu in bf16 with these weights quantized as they load (quant_on_load=True); "
+                             "gguf: SmolLM2's blocks kept, float32 activations")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--moe-only", action="store_true", help="only the random Qwen3-MoE")
     only.add_argument("--no-moe", action="store_true", help="only SmolLM2")

@@ -1,7 +1,7 @@
 """quant=gguf: a GGUF file's weights kept in their blocks and multiplied there (ops/cpu/gguf.py).
 
-A layer keeps one segment per checkpoint part (Q, K and V; gate and up), since a file may store the
-parts in different types (Q4_K_M files mix them). A part of a type the CPU kernels take (Q4_0, Q4_1,
+A layer keeps one segment per run of checkpoint parts of one type (Q, K and V; gate and up): a file may
+store the parts in different types (Q4_K_M files mix them). A part of a type the CPU kernels take (Q4_0, Q4_1,
 Q8_0) keeps its blocks, sliced for its shard without decoding (whole rows, or whole blocks of columns);
 any other part (F32, F16, the K-quants for now) is dequantized at load into a dense float32 segment. The
 blocks are exactly the file's, so a layer computes what the dequantized reference computes, up to
@@ -43,8 +43,8 @@ class GGUFBlocksMethod(LinearMethod):
 
     def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
              expert: int | None = None) -> None:
-        layer.gguf_segments = [self._segment(reader, f"{prefix}.weight", shard, layer.in_features)
-                               for prefix, shard in parts]
+        segments = [self._segment(reader, f"{prefix}.weight", shard, layer.in_features) for prefix, shard in parts]
+        layer.gguf_segments = _merged(segments)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         outs = [segment.linear(x) for segment in layer.gguf_segments]
@@ -58,6 +58,17 @@ class GGUFBlocksMethod(LinearMethod):
         if raw.qtype is not None and blocks is not None and gguf_ops.takes(raw.qtype, in_features):
             return Segment(blocks.contiguous(), raw.qtype)
         return Segment(reader.read(name, torch.float32, "cpu", shard), None)
+
+
+def _merged(segments: list[Segment]) -> list[Segment]:
+    """Neighbouring segments of one type as one (Q, K and V of one type: one kernel call)."""
+    merged = [segments[0]]
+    for segment in segments[1:]:
+        if segment.qtype == merged[-1].qtype:
+            merged[-1] = Segment(torch.cat((merged[-1].data, segment.data)), segment.qtype)
+        else:
+            merged.append(segment)
+    return merged
 
 
 def _blocks_of_shard(raw: RawTensor, shard: Shard | None) -> torch.Tensor | None:

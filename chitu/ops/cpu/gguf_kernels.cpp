@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -210,9 +211,11 @@ torch::Tensor gguf_linear(const torch::Tensor& x, const torch::Tensor& w, int64_
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   check(w, format, k);
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor sums = xc.view({m, k / QK, QK}).sum(-1).contiguous();
+  const float* xp = xc.data_ptr<float>();
+  std::vector<float> sums(m * (k / QK), 0.0f);  // of x over each block, for the blocks' minimums
+  for (int64_t i = 0; i < m * k; ++i) sums[i / QK] += xp[i];
+  const float* sp = sums.data();
   torch::Tensor y = torch::empty({m, n}, x.options());
-  const float *xp = xc.data_ptr<float>(), *sp = sums.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   dispatch(format, [&](auto f) {
