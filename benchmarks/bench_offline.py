@@ -193,9 +193,10 @@ def measure(runners: list, batches: list[int], new_tokens: int, rounds: int) -> 
 
     def record(runner, key: str, fn: Callable[[], float]) -> None:
         try:
-            results.setdefault((runner.name, key), []).append(fn())
-        except NotImplementedError:
-            pass
+            value = fn()
+        except NotImplementedError:  # llama.cpp's runner decodes one sequence at a time
+            return
+        results.setdefault((runner.name, key), []).append(value)
 
     for _ in range(rounds):
         for runner in runners:  # interleaved: every runner once per round

@@ -1,6 +1,6 @@
 // GGUF block formats multiplied in their blocks on the CPU: y[m, n] = sum_k x[m, k] w[n, k], with x in
 // float32 and each row of w a run of 32-value blocks (Q4_0, Q4_1, Q8_0), compiled for the machine it runs
-// on (-march=native). Each block is decoded to float once and multiplied with up to four rows of x;
+// on (-march=native). Each block is decoded to float once for up to eight rows of x;
 // Q4_1's minimum enters once per block through the sum of x over the block.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -14,7 +14,7 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t ROWS_AT_ONCE = 4;
+constexpr int64_t ROWS_AT_ONCE = 8;
 
 enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml's type numbers
 
@@ -141,6 +141,20 @@ inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k,
 #endif
 
 template <int64_t F>
+void dequantize_rows(const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t k, float* out) {
+  const int64_t blocks = k / QK, row_bytes = blocks * block_bytes(F);
+  for (int64_t row = n_begin; row < n_end; ++row) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      float* values = out + (row - n_begin) * k + b * QK;
+      float min;
+      decode<F>(w + row * row_bytes + b * block_bytes(F), values, &min);
+      if constexpr (F == Q4_1) for (int j = 0; j < QK; ++j) values[j] += min;
+    }
+  }
+}
+
+// ROWS_AT_ONCE rows of x at a time: each block decoded into registers once for all of them.
+template <int64_t F>
 void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_count, int64_t k, const uint8_t* w,
                        int64_t n_begin, int64_t n_end, int64_t n, float* y) {
   const int64_t blocks = k / QK, row_bytes = blocks * block_bytes(F);
@@ -155,7 +169,11 @@ void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_coun
         case 1: rows_times_row<F, 1>(xs, sums, k, weights, out, n); break;
         case 2: rows_times_row<F, 2>(xs, sums, k, weights, out, n); break;
         case 3: rows_times_row<F, 3>(xs, sums, k, weights, out, n); break;
-        default: rows_times_row<F, 4>(xs, sums, k, weights, out, n); break;
+        case 4: rows_times_row<F, 4>(xs, sums, k, weights, out, n); break;
+        case 5: rows_times_row<F, 5>(xs, sums, k, weights, out, n); break;
+        case 6: rows_times_row<F, 6>(xs, sums, k, weights, out, n); break;
+        case 7: rows_times_row<F, 7>(xs, sums, k, weights, out, n); break;
+        default: rows_times_row<F, 8>(xs, sums, k, weights, out, n); break;
       }
 #else
       for (int64_t r = 0; r < rows; ++r) {
@@ -170,19 +188,6 @@ void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_coun
         y[(m0 + r) * n + row] = total;
       }
 #endif
-    }
-  }
-}
-
-template <int64_t F>
-void dequantize_rows(const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t k, float* out) {
-  const int64_t blocks = k / QK, row_bytes = blocks * block_bytes(F);
-  for (int64_t row = n_begin; row < n_end; ++row) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      float* values = out + row * k + b * QK;
-      float min;
-      decode<F>(w + row * row_bytes + b * block_bytes(F), values, &min);
-      if constexpr (F == Q4_1) for (int j = 0; j < QK; ++j) values[j] += min;
     }
   }
 }
@@ -235,7 +240,7 @@ torch::Tensor gguf_dequantize(const torch::Tensor& w, int64_t format, int64_t k)
   float* op = out.data_ptr<float>();
   dispatch(format, [&](auto f) {
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      dequantize_rows<decltype(f)::value>(wp, begin, end, k, op);
+      dequantize_rows<decltype(f)::value>(wp, begin, end, k, op + begin * k);
     });
   });
   return out;
