@@ -290,9 +290,12 @@ def test_glm4_moe_post_attention_norm_is_the_ffn_norm():
     assert [t.name for t in tensors] == ["model.layers.0.post_attention_layernorm.weight"]
 
 
-def test_logits_match_transformers(converted):
+@pytest.mark.parametrize("gguf_blocks", [False, True], ids=["dequantized", "quant=gguf"])
+def test_logits_match_transformers(converted, gguf_blocks):
+    """Dequantized at load, and with quant=gguf (its F32 projections as float32 segments, Mixtral's Q/K rows
+    unpermuted as stored bytes; experts dequantized)."""
     with open_checkpoint(converted.path) as reader:
-        model = load_model(reader, converted.model_type, 256, torch.device("cpu"), torch.float32)
+        model = load_model(reader, converted.model_type, 256, torch.device("cpu"), torch.float32, gguf_blocks=gguf_blocks)
     assert len(model.model.layers) == converted.hf_config.num_hidden_layers
     for step, (error,) in enumerate(run_prefill_and_decode(model, [converted.hf_model])):
         assert error <= 1e-4, f"step {step} (0 = prefill)"
