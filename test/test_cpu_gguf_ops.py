@@ -1,6 +1,6 @@
 """The CPU kernels over GGUF blocks (ops/cpu/gguf.py) against `gguf`'s own dequantization and a float64
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
-not of 256, odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the dequantized GEMM)."""
+not of 256 (Q4_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the dequantized GEMM)."""
 import gguf
 import gguf.quants
 import numpy as np
@@ -13,11 +13,17 @@ from test_quant_gguf import random_rows
 QType = gguf.GGMLQuantizationType
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("out_features,in_features", [(77, 160), (5, 32), (130, 576)])
+SHAPES = {"Q4_K": [(77, 512), (5, 256), (130, 768)]}  # whole super-blocks of 256
+QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K"]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", range(3))
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 24, 25, 64])
-def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, out_features, in_features, rows):
-    blocks = random_rows(QType[qtype], (out_features, in_features // 32), np.random.default_rng(rows))
+def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, shape, rows):
+    out_features, in_features = SHAPES.get(qtype, [(77, 160), (5, 32), (130, 576)])[shape]
+    block_size = gguf.GGML_QUANT_SIZES[QType[qtype]][0]
+    blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
     weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
     x = torch.randn(rows, in_features)
     expected = x.double() @ weight.T
@@ -26,11 +32,11 @@ def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, out_features
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_dequantize_is_gguf_bit_for_bit(qtype):
-    blocks = random_rows(QType[qtype], (9, 7), np.random.default_rng(0))
+    blocks = random_rows(QType[qtype], (9, 3), np.random.default_rng(0))
     expected = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype]))
-    assert torch.equal(gguf_ops.dequantize(torch.from_numpy(blocks), qtype, 7 * 32), expected)
+    assert torch.equal(gguf_ops.dequantize(torch.from_numpy(blocks), qtype, expected.shape[1]), expected)
 
 
 def test_bf16_activations_come_back_in_bf16_and_leading_dims_are_kept():
@@ -45,4 +51,4 @@ def test_rows_the_kernel_cannot_take_are_refused_by_name():
     blocks = torch.from_numpy(random_rows(QType.Q8_0, (4, 2), np.random.default_rng(2)))
     with pytest.raises(RuntimeError, match="do not hold 96 values"):
         gguf_ops.gguf_linear(torch.randn(1, 96), blocks, "Q8_0")
-    assert not gguf_ops.takes("Q6_K", 256) and not gguf_ops.takes("Q4_1", 48)
+    assert not gguf_ops.takes("Q6_K", 256) and not gguf_ops.takes("Q4_1", 48) and not gguf_ops.takes("Q4_K", 288)

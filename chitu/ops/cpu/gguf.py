@@ -11,7 +11,8 @@ from torch.utils.cpp_extension import load
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # the block types the kernels take, by ggml's type numbers
+FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}  # the block types the kernels take, by ggml's type numbers
+VALUES_PER_BLOCK = {"Q4_K": 256}  # the others: 32
 # Up to this many rows the kernel (eight rows per decoded block) beats dequantizing; more (a prefill) multiply the
 # dequantized matrix in one float32 GEMM.
 KERNEL_MAX_ROWS = 24
@@ -25,7 +26,7 @@ def _kernels():
 
 
 def takes(qtype: str, in_features: int) -> bool:
-    return qtype in FORMATS and in_features % 32 == 0
+    return qtype in FORMATS and in_features % VALUES_PER_BLOCK.get(qtype, 32) == 0
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:

@@ -1,7 +1,8 @@
 // GGUF block formats multiplied in their blocks on the CPU: y[m, n] = sum_k x[m, k] w[n, k], with x in
-// float32 and each row of w a run of 32-value blocks (Q4_0, Q4_1, Q8_0), compiled for the machine it runs
+// float32 and each row of w a run of blocks (Q4_0, Q4_1, Q8_0 of 32 values; Q4_K of 256, eight sub-blocks
+// of 32 under their own 6-bit scales and minimums), compiled for the machine it runs
 // on (-march=native). Each block is decoded to float once for up to eight rows of x;
-// Q4_1's minimum enters once per block through the sum of x over the block.
+// a sub-block's minimum enters once through the sum of x over its 32 values.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,7 +17,7 @@ namespace {
 constexpr int64_t QK = 32;
 constexpr int64_t ROWS_AT_ONCE = 8;
 
-enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml's type numbers
+enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12 };  // ggml's type numbers
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -28,31 +29,65 @@ inline float half_at(const uint8_t* p) {
 #endif
 }
 
-int64_t block_bytes(int64_t format) {
-  switch (format) {
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q8_0: return 34;
-  }
-  TORCH_CHECK(false, "no CPU kernel for GGUF type ", format);
+constexpr int64_t block_bytes(int64_t format) {
+  return format == Q4_0 ? 18 : format == Q4_1 ? 20 : format == Q8_0 ? 34 : 144;
 }
 
-// The block's 32 values d * q (Q4_0: d * (q - 8)); Q4_1's minimum is left to the caller.
-template <int64_t F>
-inline void decode(const uint8_t* block, float* out, float* min) {
-  const float d = half_at(block);
-  if constexpr (F == Q8_0) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-    for (int j = 0; j < 32; ++j) out[j] = d * q[j];
+// Stored blocks are cut into sub-blocks of 32 values, each value scale * q + min: Q4_K's super-block of 256
+// holds eight, with 6-bit scales and minimums under its d and dmin.
+constexpr int64_t sub_blocks(int64_t format) { return format == Q4_K ? 8 : 1; }
+
+inline void k_scale_min(const uint8_t* scales, int64_t s, float* scale, float* min) {
+  if (s < 4) {
+    *scale = scales[s] & 63;
+    *min = scales[s + 4] & 63;
   } else {
+    *scale = (scales[s + 4] & 15) | ((scales[s - 4] >> 6) << 4);
+    *min = (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4);
+  }
+}
+
+// The scale and minimum of sub-block s of a stored block.
+template <int64_t F>
+inline void scale_and_min(const uint8_t* block, int64_t s, float* scale, float* min) {
+  const float d = half_at(block);
+  if constexpr (F == Q4_K) {
+    float sc, m;
+    k_scale_min(block + 4, s, &sc, &m);
+    *scale = d * sc;
+    *min = -half_at(block + 2) * m;
+  } else {
+    *scale = d;
+    *min = F == Q4_1 ? half_at(block + 2) : 0.0f;
+  }
+}
+
+// The 32 integer codes of sub-block s, in value order.
+template <int64_t F>
+inline void codes(const uint8_t* block, int64_t s, int32_t* out) {
+  if constexpr (F == Q8_0) {
+    for (int j = 0; j < 32; ++j) out[j] = reinterpret_cast<const int8_t*>(block + 2)[j];
+  } else if constexpr (F == Q4_K) {  // sub-blocks 2i and 2i + 1: the low and high nibbles of bytes 32i..32i+31
+    const uint8_t* q = block + 16 + 32 * (s / 2);
+    for (int j = 0; j < 32; ++j) out[j] = s % 2 ? q[j] >> 4 : q[j] & 15;
+  } else {  // values 0..15 the low nibbles of the 16 bytes, 16..31 the high ones; Q4_0's codes are q - 8
     const uint8_t* q = block + (F == Q4_1 ? 4 : 2);
     const int offset = F == Q4_0 ? 8 : 0;
     for (int j = 0; j < 16; ++j) {
-      out[j] = d * static_cast<float>((q[j] & 15) - offset);
-      out[j + 16] = d * static_cast<float>((q[j] >> 4) - offset);
+      out[j] = (q[j] & 15) - offset;
+      out[j + 16] = (q[j] >> 4) - offset;
     }
   }
-  *min = F == Q4_1 ? half_at(block + 2) : 0.0f;
+}
+
+// Sub-block s's 32 values, scale * q + min.
+template <int64_t F>
+inline void decode(const uint8_t* block, int64_t s, float* out) {
+  float scale, min;
+  scale_and_min<F>(block, s, &scale, &min);
+  int32_t q[32];
+  codes<F>(block, s, q);
+  for (int j = 0; j < 32; ++j) out[j] = scale * static_cast<float>(q[j]) + min;
 }
 
 #if defined(__AVX512F__)
@@ -89,51 +124,69 @@ inline Vec from_i8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi
 constexpr int VECS = QK / LANES;
 constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being decoded: measured best of 512..4096
 
-// The block's 32 integer values q as floats (Q4_0 leaves its offset 8 in: the caller takes 8 d per unit
-// of x back through the block's sum of x).
+// Sub-block s's 32 integer codes as floats, in value order.
 template <int64_t F>
-inline void integer_values(const uint8_t* block, Vec* q) {
+inline void integer_values(const uint8_t* block, int64_t s, Vec* q) {
   if constexpr (F == Q8_0) {
     for (int i = 0; i < VECS; ++i)
       q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + LANES * i)));
+  } else if constexpr (F == Q4_K) {
+    const uint8_t* bytes = block + 16 + 32 * (s / 2);
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (int half = 0; half < 2; ++half) {
+      __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
+      packed = _mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble);
+      if constexpr (VECS == 2) {
+        q[half] = from_u8(packed);
+      } else {
+        q[2 * half] = from_u8(packed);
+        q[2 * half + 1] = from_u8(_mm_srli_si128(packed, 8));
+      }
+    }
   } else {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
     const __m128i nibble = _mm_set1_epi8(15);
-    const __m128i low = _mm_and_si128(packed, nibble), high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    __m128i low = _mm_and_si128(packed, nibble), high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    if constexpr (F == Q4_0) {  // codes q - 8, signed
+      low = _mm_sub_epi8(low, _mm_set1_epi8(8));
+      high = _mm_sub_epi8(high, _mm_set1_epi8(8));
+    }
+    const auto to_float = [](__m128i bytes) { return F == Q4_0 ? from_i8(bytes) : from_u8(bytes); };
     if constexpr (VECS == 2) {
-      q[0] = from_u8(low);
-      q[1] = from_u8(high);
+      q[0] = to_float(low);
+      q[1] = to_float(high);
     } else {
-      q[0] = from_u8(low);
-      q[1] = from_u8(_mm_srli_si128(low, 8));
-      q[2] = from_u8(high);
-      q[3] = from_u8(_mm_srli_si128(high, 8));
+      q[0] = to_float(low);
+      q[1] = to_float(_mm_srli_si128(low, 8));
+      q[2] = to_float(high);
+      q[3] = to_float(_mm_srli_si128(high, 8));
     }
   }
 }
 
-// ROWS rows of x against one weight row: each block decoded once, its d applied once per row.
+// ROWS rows of x against one weight row: each sub-block decoded once, its scale applied once per row.
 template <int64_t F, int ROWS>
 inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k, const uint8_t* weights, float* out,
                            int64_t out_stride) {
-  const int64_t blocks = k / QK;
+  const int64_t subs = k / QK;
   Vec acc[ROWS];
   float min_acc[ROWS] = {};
   for (int r = 0; r < ROWS; ++r) acc[r] = zero();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = weights + b * block_bytes(F);
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
+  for (int64_t sb = 0; sb < subs; ++sb) {
+    const uint8_t* block = weights + sb / sub_blocks(F) * block_bytes(F);
+    const int64_t s = sb % sub_blocks(F);
+    if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
     Vec q[VECS];
-    integer_values<F>(block, q);
-    const float d = half_at(block);
-    const Vec scale = broadcast(d);
-    const float min = F == Q4_1 ? half_at(block + 2) : F == Q4_0 ? -8.0f * d : 0.0f;
+    integer_values<F>(block, s, q);
+    float scale_value, min;
+    scale_and_min<F>(block, s, &scale_value, &min);
+    const Vec scale = broadcast(scale_value);
     for (int r = 0; r < ROWS; ++r) {
-      const float* xs = x + r * k + b * QK;
+      const float* xs = x + r * k + sb * QK;
       Vec dot = mul(q[0], load(xs));
       for (int i = 1; i < VECS; ++i) dot = fmadd(q[i], load(xs + LANES * i), dot);
       acc[r] = fmadd(scale, dot, acc[r]);
-      if constexpr (F != Q8_0) min_acc[r] += min * x_block_sums[r * blocks + b];
+      if constexpr (F == Q4_1 || F == Q4_K) min_acc[r] += min * x_block_sums[r * subs + sb];
     }
   }
   for (int r = 0; r < ROWS; ++r) out[r * out_stride] = horizontal_sum(acc[r]) + min_acc[r];
@@ -142,22 +195,18 @@ inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k,
 
 template <int64_t F>
 void dequantize_rows(const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t k, float* out) {
-  const int64_t blocks = k / QK, row_bytes = blocks * block_bytes(F);
-  for (int64_t row = n_begin; row < n_end; ++row) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      float* values = out + (row - n_begin) * k + b * QK;
-      float min;
-      decode<F>(w + row * row_bytes + b * block_bytes(F), values, &min);
-      if constexpr (F == Q4_1) for (int j = 0; j < QK; ++j) values[j] += min;
-    }
-  }
+  const int64_t row_bytes = k / QK / sub_blocks(F) * block_bytes(F);
+  for (int64_t row = n_begin; row < n_end; ++row)
+    for (int64_t sb = 0; sb < k / QK; ++sb)
+      decode<F>(w + row * row_bytes + sb / sub_blocks(F) * block_bytes(F), sb % sub_blocks(F),
+                out + (row - n_begin) * k + sb * QK);
 }
 
 // ROWS_AT_ONCE rows of x at a time: each block decoded into registers once for all of them.
 template <int64_t F>
 void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_count, int64_t k, const uint8_t* w,
                        int64_t n_begin, int64_t n_end, int64_t n, float* y) {
-  const int64_t blocks = k / QK, row_bytes = blocks * block_bytes(F);
+  const int64_t blocks = k / QK, row_bytes = blocks / sub_blocks(F) * block_bytes(F);
   for (int64_t row = n_begin; row < n_end; ++row) {
     const uint8_t* weights = w + row * row_bytes;
     for (int64_t m0 = 0; m0 < m_count; m0 += ROWS_AT_ONCE) {
@@ -178,12 +227,11 @@ void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_coun
 #else
       for (int64_t r = 0; r < rows; ++r) {
         float total = 0.0f;
-        for (int64_t b = 0; b < blocks; ++b) {
-          float values[QK], min;
-          decode<F>(weights + b * block_bytes(F), values, &min);
-          const float* xs = x + (m0 + r) * k + b * QK;
+        for (int64_t sb = 0; sb < k / QK; ++sb) {
+          float values[QK];
+          decode<F>(weights + sb / sub_blocks(F) * block_bytes(F), sb % sub_blocks(F), values);
+          const float* xs = x + (m0 + r) * k + sb * QK;
           for (int j = 0; j < QK; ++j) total += values[j] * xs[j];
-          total += min * x_block_sums[(m0 + r) * blocks + b];
         }
         y[(m0 + r) * n + row] = total;
       }
@@ -194,7 +242,8 @@ void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_coun
 
 void check(const torch::Tensor& w, int64_t format, int64_t k) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "GGUF rows must be contiguous uint8 [n, bytes]");
-  TORCH_CHECK(k % QK == 0 && w.size(1) == k / QK * block_bytes(format), "GGUF rows of ", w.size(1),
+  const int64_t per_block = QK * sub_blocks(format);
+  TORCH_CHECK(k % per_block == 0 && w.size(1) == k / per_block * block_bytes(format), "GGUF rows of ", w.size(1),
               " bytes do not hold ", k, " values of type ", format);
 }
 
@@ -204,6 +253,7 @@ void dispatch(int64_t format, Fn&& fn) {
     case Q4_0: return fn(std::integral_constant<int64_t, Q4_0>{});
     case Q4_1: return fn(std::integral_constant<int64_t, Q4_1>{});
     case Q8_0: return fn(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return fn(std::integral_constant<int64_t, Q4_K>{});
   }
   TORCH_CHECK(false, "no CPU kernel for GGUF type ", format);
 }
