@@ -1,6 +1,6 @@
 """The CPU kernels over GGUF blocks (ops/cpu/gguf.py) against `gguf`'s own dequantization and a float64
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
-not of 256 (Q4_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the dequantized GEMM)."""
+not of 256 (Q4_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the dequantized GEMM)."""
 import gguf
 import gguf.quants
 import numpy as np
@@ -13,8 +13,9 @@ from test_quant_gguf import random_rows
 QType = gguf.GGMLQuantizationType
 
 
-SHAPES = {"Q4_K": [(77, 512), (5, 256), (130, 768)]}  # whole super-blocks of 256
-QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K"]
+K_SHAPES = [(77, 512), (5, 256), (130, 768)]  # whole super-blocks of 256
+SHAPES = {"Q4_K": K_SHAPES, "Q6_K": K_SHAPES}
+QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -51,4 +52,4 @@ def test_rows_the_kernel_cannot_take_are_refused_by_name():
     blocks = torch.from_numpy(random_rows(QType.Q8_0, (4, 2), np.random.default_rng(2)))
     with pytest.raises(RuntimeError, match="do not hold 96 values"):
         gguf_ops.gguf_linear(torch.randn(1, 96), blocks, "Q8_0")
-    assert not gguf_ops.takes("Q6_K", 256) and not gguf_ops.takes("Q4_1", 48) and not gguf_ops.takes("Q4_K", 288)
+    assert not gguf_ops.takes("Q5_K", 256) and not gguf_ops.takes("Q4_1", 48) and not gguf_ops.takes("Q6_K", 288)

@@ -2,8 +2,8 @@
 
 A layer keeps one segment per run of checkpoint parts of one type (Q, K and V; gate and up): a file may
 store the parts in different types (Q4_K_M files mix them). A part of a type the CPU kernels take (Q4_0, Q4_1,
-Q8_0, Q4_K) keeps its blocks, sliced for its shard without decoding (whole rows, or whole blocks of columns);
-any other part (F32, F16, Q5_K and Q6_K for now) is dequantized at load into a dense float32 segment. The
+Q8_0, Q4_K, Q6_K) keeps its blocks, sliced for its shard without decoding (whole rows, or whole blocks of columns);
+any other part (F32, F16, Q5_K for now) is dequantized at load into a dense float32 segment. The
 blocks are exactly the file's, so a layer computes what the dequantized reference computes, up to
 float32 summation order.
 """

@@ -11,8 +11,8 @@ from torch.utils.cpp_extension import load
 
 logger = logging.getLogger(__name__)
 
-FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12}  # the block types the kernels take, by ggml's type numbers
-VALUES_PER_BLOCK = {"Q4_K": 256}  # the others: 32
+FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}  # the types the kernels take, ggml's numbers
+VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
 # Up to this many rows the kernel (eight rows per decoded block) beats dequantizing; more (a prefill) multiply the
 # dequantized matrix in one float32 GEMM.
 KERNEL_MAX_ROWS = 24

@@ -1,6 +1,6 @@
 // GGUF block formats multiplied in their blocks on the CPU: y[m, n] = sum_k x[m, k] w[n, k], with x in
-// float32 and each row of w a run of blocks (Q4_0, Q4_1, Q8_0 of 32 values; Q4_K of 256, eight sub-blocks
-// of 32 under their own 6-bit scales and minimums), compiled for the machine it runs
+// float32 and each row of w a run of blocks (Q4_0, Q4_1, Q8_0 of 32 values; Q4_K and Q6_K of 256, eight
+// sub-blocks of 32 under their own scales), compiled for the machine it runs
 // on (-march=native). Each block is decoded to float once for up to eight rows of x;
 // a sub-block's minimum enters once through the sum of x over its 32 values.
 #include <torch/extension.h>
@@ -17,7 +17,7 @@ namespace {
 constexpr int64_t QK = 32;
 constexpr int64_t ROWS_AT_ONCE = 8;
 
-enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12 };  // ggml's type numbers
+enum Format : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };  // ggml's type numbers
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -30,12 +30,27 @@ inline float half_at(const uint8_t* p) {
 }
 
 constexpr int64_t block_bytes(int64_t format) {
-  return format == Q4_0 ? 18 : format == Q4_1 ? 20 : format == Q8_0 ? 34 : 144;
+  return format == Q4_0 ? 18 : format == Q4_1 ? 20 : format == Q8_0 ? 34 : format == Q4_K ? 144 : 210;
 }
 
 // Stored blocks are cut into sub-blocks of 32 values, each value scale * q + min: Q4_K's super-block of 256
-// holds eight, with 6-bit scales and minimums under its d and dmin.
-constexpr int64_t sub_blocks(int64_t format) { return format == Q4_K ? 8 : 1; }
+// holds eight, with 6-bit scales and minimums under its d and dmin; Q6_K's eight, each two halves of 16
+// under their own int8 scale (folded into the codes here) and its d.
+constexpr int64_t sub_blocks(int64_t format) { return format == Q4_K || format == Q6_K ? 8 : 1; }
+
+// Q6_K: sub-block s is group g = s % 4 of half n = s / 4; its codes (4 low bits from ql, 2 high from qh,
+// minus 32) and the two int8 scales of its halves.
+struct Q6KPlace {
+  const uint8_t *low, *high;
+  int nibble_shift, high_shift;
+  const int8_t* scales;
+};
+
+inline Q6KPlace q6k_place(const uint8_t* block, int64_t s) {
+  const int64_t n = s / 4, g = s % 4;
+  return {block + 64 * n + 32 * (g % 2), block + 128 + 32 * n, static_cast<int>(4 * (g / 2)), static_cast<int>(2 * g),
+          reinterpret_cast<const int8_t*>(block + 192 + 8 * n + 2 * g)};
+}
 
 inline void k_scale_min(const uint8_t* scales, int64_t s, float* scale, float* min) {
   if (s < 4) {
@@ -50,7 +65,7 @@ inline void k_scale_min(const uint8_t* scales, int64_t s, float* scale, float* m
 // The scale and minimum of sub-block s of a stored block.
 template <int64_t F>
 inline void scale_and_min(const uint8_t* block, int64_t s, float* scale, float* min) {
-  const float d = half_at(block);
+  const float d = half_at(block + (F == Q6_K ? 208 : 0));
   if constexpr (F == Q4_K) {
     float sc, m;
     k_scale_min(block + 4, s, &sc, &m);
@@ -62,11 +77,18 @@ inline void scale_and_min(const uint8_t* block, int64_t s, float* scale, float* 
   }
 }
 
+inline int32_t q6k_code(const Q6KPlace& p, int j) {
+  return (((p.low[j] >> p.nibble_shift) & 15) | (((p.high[j] >> p.high_shift) & 3) << 4)) - 32;
+}
+
 // The 32 integer codes of sub-block s, in value order.
 template <int64_t F>
 inline void codes(const uint8_t* block, int64_t s, int32_t* out) {
   if constexpr (F == Q8_0) {
     for (int j = 0; j < 32; ++j) out[j] = reinterpret_cast<const int8_t*>(block + 2)[j];
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    for (int j = 0; j < 32; ++j) out[j] = place.scales[j / 16] * q6k_code(place, j);
   } else if constexpr (F == Q4_K) {  // sub-blocks 2i and 2i + 1: the low and high nibbles of bytes 32i..32i+31
     const uint8_t* q = block + 16 + 32 * (s / 2);
     for (int j = 0; j < 32; ++j) out[j] = s % 2 ? q[j] >> 4 : q[j] & 15;
@@ -80,9 +102,15 @@ inline void codes(const uint8_t* block, int64_t s, int32_t* out) {
   }
 }
 
-// Sub-block s's 32 values, scale * q + min.
+// Sub-block s's 32 values, scale * q + min (Q6_K: (d * its half's scale) * q, as gguf rounds it).
 template <int64_t F>
 inline void decode(const uint8_t* block, int64_t s, float* out) {
+  if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    const float d = half_at(block + 208);
+    for (int j = 0; j < 32; ++j) out[j] = (d * place.scales[j / 16]) * static_cast<float>(q6k_code(place, j));
+    return;
+  }
   float scale, min;
   scale_and_min<F>(block, s, &scale, &min);
   int32_t q[32];
@@ -130,6 +158,22 @@ inline void integer_values(const uint8_t* block, int64_t s, Vec* q) {
   if constexpr (F == Q8_0) {
     for (int i = 0; i < VECS; ++i)
       q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + LANES * i)));
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.low + 16 * half));
+      const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.high + 16 * half));
+      const __m128i nibble = _mm_and_si128(_mm_srli_epi16(low, place.nibble_shift), _mm_set1_epi8(15));
+      const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high, place.high_shift), _mm_set1_epi8(3)), 4);
+      const __m128i code = _mm_sub_epi8(_mm_or_si128(nibble, top), _mm_set1_epi8(32));
+      const Vec scale = broadcast(place.scales[half]);
+      if constexpr (VECS == 2) {
+        q[half] = mul(from_i8(code), scale);
+      } else {
+        q[2 * half] = mul(from_i8(code), scale);
+        q[2 * half + 1] = mul(from_i8(_mm_srli_si128(code, 8)), scale);
+      }
+    }
   } else if constexpr (F == Q4_K) {
     const uint8_t* bytes = block + 16 + 32 * (s / 2);
     const __m128i nibble = _mm_set1_epi8(15);
@@ -254,6 +298,7 @@ void dispatch(int64_t format, Fn&& fn) {
     case Q4_1: return fn(std::integral_constant<int64_t, Q4_1>{});
     case Q8_0: return fn(std::integral_constant<int64_t, Q8_0>{});
     case Q4_K: return fn(std::integral_constant<int64_t, Q4_K>{});
+    case Q6_K: return fn(std::integral_constant<int64_t, Q6_K>{});
   }
   TORCH_CHECK(false, "no CPU kernel for GGUF type ", format);
 }
