@@ -21,8 +21,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     batch, q_rows = meta.num_seqs, meta.max_query_len
     keys = _gather_pages(k_cache, meta)
     values = _gather_pages(v_cache, meta)
-    queries = q.new_zeros(batch, q_rows, *q.shape[1:])
-    queries[meta.token_seq_index, meta.token_query_index] = q
+    decode = q_rows == 1  # one query per sequence, in sequence order: no padding to scatter into
+    if decode:
+        queries = q.unsqueeze(1)
+    else:
+        queries = q.new_zeros(batch, q_rows, *q.shape[1:])
+        queries[meta.token_seq_index, meta.token_query_index] = q
     query_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]
     first_query_pos = meta.context_lens - query_lens
     query_pos = first_query_pos[:, None] + torch.arange(q_rows, device=q.device)
@@ -32,7 +36,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         queries.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
         attn_mask=mask[:, None], scale=scale, enable_gqa=True,
     )
-    return out.transpose(1, 2)[meta.token_seq_index, meta.token_query_index]
+    out = out.transpose(1, 2)
+    return out[:, 0] if decode else out[meta.token_seq_index, meta.token_query_index]
 
 
 def _gather_pages(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
