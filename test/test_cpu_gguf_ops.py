@@ -1,6 +1,9 @@
 """The CPU kernels over GGUF blocks (ops/cpu/gguf.py) against `gguf`'s own dequantization and a float64
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
 not of 256 (Q4_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the dequantized GEMM)."""
+import subprocess
+import sys
+
 import gguf
 import gguf.quants
 import numpy as np
@@ -53,3 +56,13 @@ def test_rows_the_kernel_cannot_take_are_refused_by_name():
     with pytest.raises(RuntimeError, match="do not hold 96 values"):
         gguf_ops.gguf_linear(torch.randn(1, 96), blocks, "Q8_0")
     assert not gguf_ops.takes("Q5_K", 256) and not gguf_ops.takes("Q4_1", 48) and not gguf_ops.takes("Q6_K", 288)
+
+
+def test_a_machine_that_cannot_build_the_kernels_is_told_what_is_missing(tmp_path):
+    """Without ninja or a compiler on PATH (a fresh extension cache, so nothing is built yet)."""
+    code = ("import torch; from chitu.ops.cpu import gguf\n"
+            "gguf.gguf_linear(torch.zeros(1, 32), torch.zeros(1, 18, dtype=torch.uint8), 'Q4_0')")
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "KernelBuildError: quant=gguf needs its CPU kernels built, which failed" in proc.stderr
