@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import gguf
 
@@ -233,6 +233,18 @@ def test_gguf_config_and_tokenizer_source(smollm2, smollm2_path):
     assert smollm2.gguf_path == smollm2_path
     directory, file = os.path.split(smollm2_path)
     assert smollm2.tokenizer_source() == (directory, {"gguf_file": file})
+
+
+def test_gguf_llama_config_from_metadata_is_transformers_config(smollm2, smollm2_path):
+    """Chitu reads a dense llama file's config from the metadata itself (one parse of the file, not two):
+    every field is transformers' own, but its float32 epsilon written as the shortest decimal."""
+    directory, file = os.path.split(smollm2_path)
+    expected = AutoConfig.from_pretrained(directory, gguf_file=file).to_dict()
+    got = smollm2.hf_config().to_dict()
+    assert got.pop("rms_norm_eps") == pytest.approx(expected.pop("rms_norm_eps"), rel=1e-7)
+    assert got.pop("tie_word_embeddings") and got.pop("architectures") == ["LlamaForCausalLM"]
+    ignored = {"_name_or_path", "_model_name_or_path", "tie_word_embeddings", "architectures", "unk_token_id"}
+    assert {k: v for k, v in got.items() if k not in ignored} == {k: v for k, v in expected.items() if k not in ignored}
 
 
 def test_gguf_missing_tensor_names_the_file(smollm2, smollm2_path):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from chitu.checkpoint.gguf_config import moe_config
+from chitu.checkpoint.gguf_config import config_from_metadata
 from chitu.checkpoint.gguf_names import chitu_tensors
 from chitu.checkpoint.reader import CheckpointError, CheckpointReader, RawTensor, Shard
 from chitu.quant.gguf import dequantize
@@ -116,8 +116,8 @@ class GGUFCheckpointReader(CheckpointReader):
 
 
 def _load_config(path: str, reader: gguf.GGUFReader) -> PretrainedConfig:
-    """Chitu's own config for the MoE architectures (gguf_config.py), transformers' for the others."""
-    config = moe_config(reader, path)
+    """Chitu's own config for the MoE architectures and dense llama (gguf_config.py), transformers' for the others."""
+    config = config_from_metadata(reader, path)
     if config is not None:
         return config
     directory, file = os.path.split(path)

@@ -1,17 +1,19 @@
-"""HF configs of the GGUF files of MoE models, built from the metadata llama.cpp writes.
+"""HF configs of GGUF files built from the metadata llama.cpp writes, for the MoE models and dense llama.
 
-transformers' GGUF loader gets these wrong or does not know them: for `qwen3moe` it drops
+transformers' GGUF loader gets the MoE ones wrong or does not know them: for `qwen3moe` it drops
 `moe_intermediate_size`, a `llama` file with experts (how convert_hf_to_gguf.py writes Mixtral)
 becomes a dense LlamaConfig, and `glm4moe` is unknown. So for those three Chitu reads the metadata
 itself (the `{arch}.*` keys of gguf.Keys, as convert_hf_to_gguf.py writes them) and the tensor list
-(which layers route to experts, attention biases, q/k norms); every other architecture is left to
-transformers (`moe_config` returns None).
+(which layers route to experts, attention biases, q/k norms). Dense `llama` (the default model) is read
+the same way, from the reader Chitu already opened: transformers would parse the whole file, its
+vocabulary included, a second time (~3 s for SmolLM2). Every other architecture is left to
+transformers (`config_from_metadata` returns None).
 """
 from __future__ import annotations
 
 import gguf
 import numpy as np
-from transformers import Glm4MoeConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import Glm4MoeConfig, LlamaConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
 
 from chitu.checkpoint.reader import CheckpointError
 
@@ -22,18 +24,18 @@ SOFTMAX, SIGMOID = int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGating
 MOE_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE", "llama": "Mixtral", "glm4moe": "GLM-4.5"}
 
 
-def moe_config(reader: gguf.GGUFReader, path: str) -> PretrainedConfig | None:
-    """The config of a Qwen3-MoE, Mixtral or GLM-4.5 GGUF file; None for the architectures
-    transformers' GGUF loader handles (dense llama, qwen2, qwen3, ...). MoE architectures and
-    combinations Chitu cannot serve raise CheckpointError."""
+def config_from_metadata(reader: gguf.GGUFReader, path: str) -> PretrainedConfig | None:
+    """The config of a Qwen3-MoE, Mixtral, GLM-4.5 or dense Llama GGUF file; None for the architectures
+    transformers' GGUF loader handles (qwen2, qwen3, ...). MoE architectures and combinations Chitu
+    cannot serve raise CheckpointError."""
     meta = _Metadata(reader, path)
     num_experts = meta.get(LLM.EXPERT_COUNT, 0)
     if meta.arch == "qwen3moe":
         return _qwen3_moe(meta)
     if meta.arch == "glm4moe":
         return _glm4_moe(meta)
-    if meta.arch == "llama" and num_experts > 0:
-        return _mixtral(meta)
+    if meta.arch == "llama":
+        return _mixtral(meta) if num_experts > 0 else _llama(meta)
     if num_experts > 0 or any(name.endswith("_exps.weight") for name in meta.tensors):
         supported = ", ".join(f"{arch} ({name})" for arch, name in MOE_ARCHITECTURES.items())
         raise CheckpointError(f"GGUF architecture {meta.arch!r} with experts is not supported ({path}); "
@@ -173,7 +175,7 @@ def _expert_feed_forward_length(meta: _Metadata, num_layers: int) -> int:
 
 def _build(meta: _Metadata, config_class: type[PretrainedConfig], fields: dict) -> PretrainedConfig:
     architecture = {Qwen3MoeConfig: "Qwen3MoeForCausalLM", MixtralConfig: "MixtralForCausalLM",
-                    Glm4MoeConfig: "Glm4MoeForCausalLM"}[config_class]
+                    Glm4MoeConfig: "Glm4MoeForCausalLM", LlamaConfig: "LlamaForCausalLM"}[config_class]
     try:
         return config_class(architectures=[architecture], **fields)
     except (TypeError, ValueError) as error:  # transformers validates the fields' types and values
@@ -231,6 +233,13 @@ def _mixtral(meta: _Metadata) -> PretrainedConfig:
         rope_parameters=_rope_parameters(meta, head_dim, head_dim, partial=False),
     )
     return _build(meta, MixtralConfig, fields)
+
+
+def _llama(meta: _Metadata) -> PretrainedConfig:
+    fields = _common(meta, meta.require(LLM.BLOCK_COUNT))
+    head_dim = meta.get(ROPE.DIMENSION_COUNT) or fields["head_dim"]
+    fields.update(head_dim=head_dim, rope_parameters=_rope_parameters(meta, head_dim, head_dim, partial=False))
+    return _build(meta, LlamaConfig, fields)
 
 
 def _glm4_moe(meta: _Metadata) -> PretrainedConfig:
