@@ -22,12 +22,14 @@ from chitu.quant.linear_method import LinearMethod
 class VocabParallelRows(nn.Module):
     """A [vocab_size, dim] matrix of which this rank holds rows `span` (padded to `padded`)."""
 
-    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None):
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None, dense: bool = True):
+        """dense=False: the rows live elsewhere (a tied embedding's, or a linear method's)."""
         super().__init__()
         state = parallel_state()
         self.vocab_size = vocab_size
-        self.span, padded = vocab_shard(vocab_size, state.tp_size, state.tp_rank)
-        self.weight = nn.Parameter(torch.zeros(padded, dim, dtype=dtype), requires_grad=False)
+        self.span, self.padded = vocab_shard(vocab_size, state.tp_size, state.tp_rank)
+        if dense:
+            self.weight = nn.Parameter(torch.zeros(self.padded, dim, dtype=dtype), requires_grad=False)
 
     def load_rows(self, reader: CheckpointReader, name: str) -> None:
         rows = reader.read(name, self.weight.dtype, self.weight.device, Shard(0, self.span.start, self.span.length))
@@ -57,7 +59,7 @@ class LMHead(VocabParallelRows):
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype | None = None,
                  tied_to: Embedding | None = None, source: str | None = None, int8: bool = False,
                  method: LinearMethod | None = None):
-        super().__init__(vocab_size, dim, dtype)
+        super().__init__(vocab_size, dim, dtype, dense=tied_to is None and method is None)
         self.tied = tied_to is not None
         self.source = source
         self.int8 = int8
@@ -69,7 +71,7 @@ class LMHead(VocabParallelRows):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.method is not None:  # this rank's rows without the padding, which the gather expects
-            logits = F.pad(self.method.apply(self, hidden), (0, self.weight.shape[0] - self.span.length))
+            logits = F.pad(self.method.apply(self, hidden), (0, self.padded - self.span.length))
         elif hasattr(self, "weight_q"):
             logits = int8_linear(hidden, self.weight_q, self.weight_scale)
         else:

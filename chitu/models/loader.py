@@ -31,13 +31,15 @@ def load_configured_model(config: ChituConfig, device: torch.device) -> nn.Modul
     quant_on_load=True), or from a preprocessed checkpoint — models.ckpt_dir with skip_preprocess=True,
     or quant_ckpt_dir."""
     dtype = resolve_dtype(config)
-    preprocessed = config.quant_ckpt_dir or (config.models.checkpoint_path() if config.skip_preprocess else None)
-    if preprocessed:
-        return load_preprocessed_model(preprocessed, config, device, dtype)
-    if os.path.isfile(os.path.join(config.models.checkpoint_path(), LAYOUT_FILE)):
-        raise CheckpointError(f"{config.models.checkpoint_path()} is a preprocessed checkpoint (it holds {LAYOUT_FILE}): "
+    if config.quant_ckpt_dir:
+        return load_preprocessed_model(config.quant_ckpt_dir, config, device, dtype)
+    checkpoint = config.models.checkpoint_path()
+    if config.skip_preprocess:
+        return load_preprocessed_model(checkpoint, config, device, dtype)
+    if os.path.isfile(os.path.join(checkpoint, LAYOUT_FILE)):
+        raise CheckpointError(f"{checkpoint} is a preprocessed checkpoint (it holds {LAYOUT_FILE}): "
                               f"read it with skip_preprocess=True")
-    with open_checkpoint(config.models.checkpoint_path()) as reader:
+    with open_checkpoint(checkpoint) as reader:
         return load_model(reader, config.models.type, config.infer.max_seq_len, device, dtype, config.infer.mla_absorb,
                           config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None,
                           gguf_blocks=config.quant == "gguf")

@@ -62,6 +62,15 @@ inline void k_scale_min(const uint8_t* scales, int64_t s, float* scale, float* m
   }
 }
 
+// Bytes of a row of k values.
+constexpr int64_t row_bytes(int64_t format, int64_t k) { return k / QK / sub_blocks(format) * block_bytes(format); }
+
+// The stored block holding sub-block sb of a row.
+template <int64_t F>
+inline const uint8_t* block_of(const uint8_t* row, int64_t sb) {
+  return row + sb / sub_blocks(F) * block_bytes(F);
+}
+
 // The scale and minimum of sub-block s of a stored block.
 template <int64_t F>
 inline void scale_and_min(const uint8_t* block, int64_t s, float* scale, float* min) {
@@ -152,6 +161,14 @@ inline Vec from_i8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi
 constexpr int VECS = QK / LANES;
 constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being decoded: measured best of 512..4096
 
+// 16 byte codes (signed or not) as floats into the VECS / 2 vectors at q.
+template <bool SIGNED>
+inline void widen(__m128i bytes, Vec* q) {
+  const auto to_float = [](__m128i b) { return SIGNED ? from_i8(b) : from_u8(b); };
+  q[0] = to_float(bytes);
+  if constexpr (VECS == 4) q[1] = to_float(_mm_srli_si128(bytes, 8));
+}
+
 // Sub-block s's 32 integer codes as floats, in value order.
 template <int64_t F>
 inline void integer_values(const uint8_t* block, int64_t s, Vec* q) {
@@ -166,26 +183,16 @@ inline void integer_values(const uint8_t* block, int64_t s, Vec* q) {
       const __m128i nibble = _mm_and_si128(_mm_srli_epi16(low, place.nibble_shift), _mm_set1_epi8(15));
       const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high, place.high_shift), _mm_set1_epi8(3)), 4);
       const __m128i code = _mm_sub_epi8(_mm_or_si128(nibble, top), _mm_set1_epi8(32));
-      const Vec scale = broadcast(place.scales[half]);
-      if constexpr (VECS == 2) {
-        q[half] = mul(from_i8(code), scale);
-      } else {
-        q[2 * half] = mul(from_i8(code), scale);
-        q[2 * half + 1] = mul(from_i8(_mm_srli_si128(code, 8)), scale);
-      }
+      Vec* out = q + half * VECS / 2;
+      widen<true>(code, out);
+      for (int i = 0; i < VECS / 2; ++i) out[i] = mul(out[i], broadcast(place.scales[half]));
     }
   } else if constexpr (F == Q4_K) {
     const uint8_t* bytes = block + 16 + 32 * (s / 2);
     const __m128i nibble = _mm_set1_epi8(15);
     for (int half = 0; half < 2; ++half) {
-      __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
-      packed = _mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble);
-      if constexpr (VECS == 2) {
-        q[half] = from_u8(packed);
-      } else {
-        q[2 * half] = from_u8(packed);
-        q[2 * half + 1] = from_u8(_mm_srli_si128(packed, 8));
-      }
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
+      widen<false>(_mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble), q + half * VECS / 2);
     }
   } else {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
@@ -195,16 +202,8 @@ inline void integer_values(const uint8_t* block, int64_t s, Vec* q) {
       low = _mm_sub_epi8(low, _mm_set1_epi8(8));
       high = _mm_sub_epi8(high, _mm_set1_epi8(8));
     }
-    const auto to_float = [](__m128i bytes) { return F == Q4_0 ? from_i8(bytes) : from_u8(bytes); };
-    if constexpr (VECS == 2) {
-      q[0] = to_float(low);
-      q[1] = to_float(high);
-    } else {
-      q[0] = to_float(low);
-      q[1] = to_float(_mm_srli_si128(low, 8));
-      q[2] = to_float(high);
-      q[3] = to_float(_mm_srli_si128(high, 8));
-    }
+    widen<F == Q4_0>(low, q);
+    widen<F == Q4_0>(high, q + VECS / 2);
   }
 }
 
@@ -217,7 +216,7 @@ inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k,
   float min_acc[ROWS] = {};
   for (int r = 0; r < ROWS; ++r) acc[r] = zero();
   for (int64_t sb = 0; sb < subs; ++sb) {
-    const uint8_t* block = weights + sb / sub_blocks(F) * block_bytes(F);
+    const uint8_t* block = block_of<F>(weights, sb);
     const int64_t s = sb % sub_blocks(F);
     if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
     Vec q[VECS];
@@ -239,20 +238,18 @@ inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k,
 
 template <int64_t F>
 void dequantize_rows(const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t k, float* out) {
-  const int64_t row_bytes = k / QK / sub_blocks(F) * block_bytes(F);
   for (int64_t row = n_begin; row < n_end; ++row)
     for (int64_t sb = 0; sb < k / QK; ++sb)
-      decode<F>(w + row * row_bytes + sb / sub_blocks(F) * block_bytes(F), sb % sub_blocks(F),
-                out + (row - n_begin) * k + sb * QK);
+      decode<F>(block_of<F>(w + row * row_bytes(F, k), sb), sb % sub_blocks(F), out + (row - n_begin) * k + sb * QK);
 }
 
 // ROWS_AT_ONCE rows of x at a time: each block decoded into registers once for all of them.
 template <int64_t F>
 void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_count, int64_t k, const uint8_t* w,
                        int64_t n_begin, int64_t n_end, int64_t n, float* y) {
-  const int64_t blocks = k / QK, row_bytes = blocks / sub_blocks(F) * block_bytes(F);
+  const int64_t blocks = k / QK;
   for (int64_t row = n_begin; row < n_end; ++row) {
-    const uint8_t* weights = w + row * row_bytes;
+    const uint8_t* weights = w + row * row_bytes(F, k);
     for (int64_t m0 = 0; m0 < m_count; m0 += ROWS_AT_ONCE) {
       const int64_t rows = std::min(ROWS_AT_ONCE, m_count - m0);
 #ifdef __AVX2__
@@ -273,7 +270,7 @@ void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_coun
         float total = 0.0f;
         for (int64_t sb = 0; sb < k / QK; ++sb) {
           float values[QK];
-          decode<F>(weights + sb / sub_blocks(F) * block_bytes(F), sb % sub_blocks(F), values);
+          decode<F>(block_of<F>(weights, sb), sb % sub_blocks(F), values);
           const float* xs = x + (m0 + r) * k + sb * QK;
           for (int j = 0; j < QK; ++j) total += values[j] * xs[j];
         }
@@ -286,8 +283,7 @@ void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_coun
 
 void check(const torch::Tensor& w, int64_t format, int64_t k) {
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "GGUF rows must be contiguous uint8 [n, bytes]");
-  const int64_t per_block = QK * sub_blocks(format);
-  TORCH_CHECK(k % per_block == 0 && w.size(1) == k / per_block * block_bytes(format), "GGUF rows of ", w.size(1),
+  TORCH_CHECK(k % (QK * sub_blocks(format)) == 0 && w.size(1) == row_bytes(format, k), "GGUF rows of ", w.size(1),
               " bytes do not hold ", k, " values of type ", format);
 }
 
