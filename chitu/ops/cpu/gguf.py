@@ -1,11 +1,17 @@
-"""GGUF blocks multiplied as they are stored, on the CPU (gguf_kernels.cpp)."""
+"""GGUF blocks multiplied as they are stored, on the CPU: gguf_kernels.cpp, compiled for this machine
+(-march=native) the first time a process needs it and cached by torch (TORCH_EXTENSIONS_DIR)."""
 from __future__ import annotations
 
 import functools
+import logging
+from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import load
 
-from chitu.ops.cpu.build import KernelBuildError, build
+from chitu.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}  # the types the kernels take, ggml's numbers
 VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
@@ -14,13 +20,19 @@ VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
 KERNEL_MAX_ROWS = 24
 
 
+class KernelBuildError(UserError):
+    pass
+
+
 @functools.cache
 def _kernels():
+    logger.info("compiling the GGUF CPU kernels for this machine (once; cached by torch)")
     try:
-        return build("chitu_gguf_cpu", "gguf_kernels.cpp")
-    except KernelBuildError as e:
-        raise KernelBuildError(f"quant=gguf needs its CPU kernels (or drop quant=gguf to dequantize the file at "
-                               f"load): {e}") from e
+        return load(name="chitu_gguf_cpu", sources=[str(Path(__file__).with_name("gguf_kernels.cpp"))],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except (OSError, RuntimeError) as e:  # no compiler, no ninja, a failed build
+        raise KernelBuildError(f"quant=gguf needs its CPU kernels built, which failed (a C++ compiler and ninja "
+                               f"are needed; or drop quant=gguf to dequantize the file at load): {e}") from e
 
 
 def takes(qtype: str, in_features: int) -> bool:
