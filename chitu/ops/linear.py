@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from chitu.ops import triton as triton_ops
+from chitu.ops.cpu import linear as cpu_kernels
 
 if triton_ops.AVAILABLE:
     from chitu.ops.triton import gemv as kernels
@@ -22,9 +23,12 @@ def _single_row_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b). A single row on CUDA (a batch-1 decode step) takes the Triton GEMV, which streams
-    the weight nearer the copy rate than cuBLAS does (benchmarks/bench_kernels.py, "gemv" rows)."""
+    the weight nearer the copy rate than cuBLAS does (benchmarks/bench_kernels.py, "gemv" rows); a few
+    rows of a bfloat16 weight on the CPU the C++ kernel (ops/cpu/linear.py)."""
     if bias is None and _single_row_gemv(x, weight):
         return kernels.gemv(x, weight)
+    if cpu_kernels.takes_plain(x, weight):
+        return cpu_kernels.plain_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -2,6 +2,7 @@
 import torch
 
 from chitu.ops import triton as triton_ops
+from chitu.ops.cpu import moe as cpu_kernels
 from chitu.ops.torch_ref import moe as ref
 
 if triton_ops.AVAILABLE:
@@ -33,4 +34,6 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over this rank's experts (see torch_ref.moe)."""
     if triton_ops.matmul_enabled(x):
         return kernels.fused_experts(x, gate_up, down, weights, ids, first_expert)
+    if cpu_kernels.takes(x, gate_up, down):
+        return cpu_kernels.fused_experts(x, gate_up, down, weights, ids, first_expert)
     return ref.fused_experts(x, gate_up, down, weights, ids, first_expert)

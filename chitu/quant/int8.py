@@ -20,6 +20,7 @@ from torch import nn
 
 from chitu.checkpoint import CheckpointReader, Shard
 from chitu.layers.loadable import copy_into
+from chitu.ops.cpu import moe as cpu_moe
 from chitu.quant.linear_method import LinearMethod
 
 
@@ -73,10 +74,16 @@ class Int8ExpertStack:
     scale: torch.Tensor
     experts: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    weight_only: bool
 
     @classmethod
-    def of(cls, q: torch.Tensor, scale: torch.Tensor, linear) -> Int8ExpertStack:
-        return cls(q, scale, tuple(zip(q.unbind(0), scale.unbind(0))), linear)
+    def of(cls, q: torch.Tensor, scale: torch.Tensor, linear, weight_only: bool) -> Int8ExpertStack:
+        return cls(q, scale, tuple(zip(q.unbind(0), scale.unbind(0))), linear, weight_only)
+
+    @property
+    def cpu_kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """What the CPU MoE kernel reads (ops/cpu/moe.py): it multiplies activations as they are, so W8A16 only."""
+        return (self.q, self.scale, cpu_moe.INT8) if self.weight_only and self.q.is_contiguous() else None
 
     @property
     def shape(self) -> torch.Size:
@@ -88,6 +95,7 @@ class Int8ExpertStack:
 
 class Int8WeightOnlyMethod(LinearMethod):
     linear = staticmethod(int8_linear)
+    weight_only = True
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype,
                        num_experts: int | None = None) -> None:
@@ -111,10 +119,12 @@ class Int8WeightOnlyMethod(LinearMethod):
     def stacked(self, layer: nn.Module) -> Int8ExpertStack:
         stack = getattr(layer, "_int8_stack", None)
         if stack is None or stack.q is not layer.weight:
-            stack = layer._int8_stack = Int8ExpertStack.of(layer.weight, layer.weight_scale, self.linear)
+            stack = layer._int8_stack = Int8ExpertStack.of(layer.weight, layer.weight_scale, self.linear,
+                                                             self.weight_only)
         return stack
 
 
 class Int8DynamicActivationMethod(Int8WeightOnlyMethod):
     """W8A8 (simple_w8a8): the weights of W8A16, activations quantized per token for an int8 GEMM."""
     linear = staticmethod(w8a8_linear)
+    weight_only = False

@@ -1,17 +1,10 @@
-"""GGUF blocks multiplied as they are stored, on the CPU: gguf_kernels.cpp, compiled for this machine
-(-march=native) the first time a process needs it and cached by torch (TORCH_EXTENSIONS_DIR)."""
+"""GGUF blocks multiplied as they are stored, on the CPU (linear_kernels.cpp)."""
 from __future__ import annotations
 
-import functools
-import logging
-from pathlib import Path
-
 import torch
-from torch.utils.cpp_extension import load
 
-from chitu.errors import UserError
-
-logger = logging.getLogger(__name__)
+from chitu.ops.cpu import linear as cpu_linear
+from chitu.ops.cpu.build import KernelBuildError
 
 FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}  # the types the kernels take, ggml's numbers
 VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
@@ -20,19 +13,12 @@ VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
 KERNEL_MAX_ROWS = 24
 
 
-class KernelBuildError(UserError):
-    pass
-
-
-@functools.cache
 def _kernels():
-    logger.info("compiling the GGUF CPU kernels for this machine (once; cached by torch)")
     try:
-        return load(name="chitu_gguf_cpu", sources=[str(Path(__file__).with_name("gguf_kernels.cpp"))],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except (OSError, RuntimeError) as e:  # no compiler, no ninja, a failed build
-        raise KernelBuildError(f"quant=gguf needs its CPU kernels built, which failed (a C++ compiler and ninja "
-                               f"are needed; or drop quant=gguf to dequantize the file at load): {e}") from e
+        return cpu_linear.kernels()
+    except KernelBuildError as e:
+        raise KernelBuildError(f"quant=gguf needs its CPU kernels (or drop quant=gguf to dequantize the file at "
+                               f"load): {e}") from e
 
 
 def takes(qtype: str, in_features: int) -> bool:
@@ -43,11 +29,11 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tens
     """x [..., k] times the GGUF rows blocks [n, bytes], transposed → [..., n] in x's dtype (float32 inside)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] <= KERNEL_MAX_ROWS:
-        out = _kernels().gguf_linear(rows, blocks, FORMATS[qtype])
+        out = _kernels().linear(rows, blocks, FORMATS[qtype])
     else:
         out = rows @ dequantize(blocks, qtype, x.shape[-1]).T
     return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
-    return _kernels().gguf_dequantize(blocks, FORMATS[qtype], in_features)
+    return _kernels().dequantize(blocks, FORMATS[qtype], in_features)

@@ -1,0 +1,64 @@
+// A few rows of x times weights as stored on the CPU (the row kernel: weight_formats.h): GGUF blocks, or
+// plain float32 / bfloat16 rows; and GGUF blocks dequantized to float32, where a GEMM of many rows is faster.
+#include "weight_formats.h"
+
+#include <ATen/Parallel.h>
+
+using namespace chitu_cpu;
+
+namespace {
+
+template <int64_t F>
+void dequantize_rows(const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t k, float* out) {
+  for (int64_t row = n_begin; row < n_end; ++row)
+    for (int64_t sb = 0; sb < k / QK; ++sb)
+      decode<F>(block_of<F>(w + row * row_bytes(F, k), sb), sb % sub_blocks(F), out + (row - n_begin) * k + sb * QK);
+}
+
+void check(const torch::Tensor& w, int64_t format, int64_t k) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight rows must be contiguous uint8 [n, bytes]");
+  TORCH_CHECK(fits(format, k) && w.size(1) == row_bytes(format, k), "weight rows of ", w.size(1),
+              " bytes do not hold ", k, " values of type ", format);
+}
+
+}  // namespace
+
+// x [m, k] float32, w [n, bytes] uint8 (the rows' bytes) → x w^T [m, n] float32
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t format) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [m, k]");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  check(w, format, k);
+  const torch::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const std::vector<float> sums = block_sums(xp, m, k);
+  torch::Tensor y = torch::empty({m, n}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  dispatch(format, [&](auto f) {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      rows_times_blocks<decltype(f)::value>(xp, sums.data(), m, k, wp, w.size(1), begin, end, yp + begin, n);
+    });
+  });
+  return y;
+}
+
+// w [n, bytes] uint8 of GGUF blocks → [n, k] float32
+torch::Tensor dequantize(const torch::Tensor& w, int64_t format, int64_t k) {
+  TORCH_CHECK(!plain(format), "type ", format, " is not a GGUF block format");
+  check(w, format, k);
+  const int64_t n = w.size(0);
+  torch::Tensor out = torch::empty({n, k}, torch::kFloat32);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  dispatch(format, [&](auto f) {
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      dequantize_rows<decltype(f)::value>(wp, begin, end, k, op + begin * k);
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x w^T for a few rows of x, w as stored");
+  m.def("dequantize", &dequantize, "GGUF blocks to float32");
+}

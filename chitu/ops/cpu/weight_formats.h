@@ -1,0 +1,396 @@
+// Weight rows as the CPU kernels read them, and the product of a few rows of x with them:
+// y[m, n] = sum_k x[m, k] w[n, k], x in float32, each row of w a run of blocks of one format —
+// GGUF's Q4_0, Q4_1, Q8_0 (blocks of 32 values), Q4_K and Q6_K (256: eight sub-blocks of 32 under their own
+// scales), or plain values: float32, bfloat16, int8 (its per-row scale applied by the caller). Every format is
+// read 32 values at a time; each such sub-block is decoded to float once for up to eight rows of x, and a
+// sub-block's minimum enters once through the sum of x over its 32 values. Compiled for the machine it runs
+// on (-march=native).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+#include <type_traits>
+#include <vector>
+
+namespace chitu_cpu {
+
+constexpr int64_t QK = 32;
+constexpr int64_t ROWS_AT_ONCE = 8;
+
+// ggml's type numbers.
+enum Format : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, I8 = 24, BF16 = 30 };
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+#ifdef __F16C__
+  return _cvtsh_ss(bits);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+#endif
+}
+
+inline float bf16_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &widened, 4);
+  return v;
+}
+
+constexpr bool plain(int64_t format) { return format == F32 || format == BF16 || format == I8; }
+
+constexpr int64_t block_bytes(int64_t format) {
+  switch (format) {
+    case F32: return 128;
+    case BF16: return 64;
+    case I8: return 32;
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q8_0: return 34;
+    case Q4_K: return 144;
+    default: return 210;  // Q6_K
+  }
+}
+
+// Q4_K's super-block of 256 holds eight sub-blocks of 32, with 6-bit scales and minimums under its d and dmin;
+// Q6_K's eight, each two halves of 16 under their own int8 scale (folded into the codes here) and its d.
+constexpr int64_t sub_blocks(int64_t format) { return format == Q4_K || format == Q6_K ? 8 : 1; }
+
+constexpr bool has_minimum(int64_t format) { return format == Q4_1 || format == Q4_K; }
+
+// Bytes of a row of k values (of plain values any number; of blocks whole ones).
+constexpr int64_t row_bytes(int64_t format, int64_t k) {
+  return plain(format) ? k * block_bytes(format) / QK : k / QK / sub_blocks(format) * block_bytes(format);
+}
+
+// Whether rows of k values can be stored in the format.
+constexpr bool fits(int64_t format, int64_t k) { return plain(format) || k % (QK * sub_blocks(format)) == 0; }
+
+// Value i of a row of plain values (int8 without its row scale).
+template <int64_t F>
+inline float plain_value(const uint8_t* row, int64_t i) {
+  if constexpr (F == F32) return reinterpret_cast<const float*>(row)[i];
+  else if constexpr (F == BF16) return bf16_at(row + 2 * i);
+  else return reinterpret_cast<const int8_t*>(row)[i];
+}
+
+// The values of a row of plain values past its last whole sub-block of 32, times x's.
+template <int64_t F>
+inline float tail_dot(const uint8_t* row, const float* x, int64_t k) {
+  float total = 0.0f;
+  if constexpr (plain(F))
+    for (int64_t i = k / QK * QK; i < k; ++i) total += plain_value<F>(row, i) * x[i];
+  return total;
+}
+
+// Q6_K: sub-block s is group g = s % 4 of half n = s / 4; its codes (4 low bits from ql, 2 high from qh,
+// minus 32) and the two int8 scales of its halves.
+struct Q6KPlace {
+  const uint8_t *low, *high;
+  int nibble_shift, high_shift;
+  const int8_t* scales;
+};
+
+inline Q6KPlace q6k_place(const uint8_t* block, int64_t s) {
+  const int64_t n = s / 4, g = s % 4;
+  return {block + 64 * n + 32 * (g % 2), block + 128 + 32 * n, static_cast<int>(4 * (g / 2)), static_cast<int>(2 * g),
+          reinterpret_cast<const int8_t*>(block + 192 + 8 * n + 2 * g)};
+}
+
+inline void k_scale_min(const uint8_t* scales, int64_t s, float* scale, float* min) {
+  if (s < 4) {
+    *scale = scales[s] & 63;
+    *min = scales[s + 4] & 63;
+  } else {
+    *scale = (scales[s + 4] & 15) | ((scales[s - 4] >> 6) << 4);
+    *min = (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4);
+  }
+}
+
+// The stored block holding sub-block sb of a row.
+template <int64_t F>
+inline const uint8_t* block_of(const uint8_t* row, int64_t sb) {
+  return row + sb / sub_blocks(F) * block_bytes(F);
+}
+
+// The scale and minimum of sub-block s of a stored block (of a GGUF format).
+template <int64_t F>
+inline void scale_and_min(const uint8_t* block, int64_t s, float* scale, float* min) {
+  const float d = half_at(block + (F == Q6_K ? 208 : 0));
+  if constexpr (F == Q4_K) {
+    float sc, m;
+    k_scale_min(block + 4, s, &sc, &m);
+    *scale = d * sc;
+    *min = -half_at(block + 2) * m;
+  } else {
+    *scale = d;
+    *min = F == Q4_1 ? half_at(block + 2) : 0.0f;
+  }
+}
+
+inline int32_t q6k_code(const Q6KPlace& p, int j) {
+  return (((p.low[j] >> p.nibble_shift) & 15) | (((p.high[j] >> p.high_shift) & 3) << 4)) - 32;
+}
+
+// The 32 integer codes of sub-block s of a GGUF block, in value order.
+template <int64_t F>
+inline void codes(const uint8_t* block, int64_t s, int32_t* out) {
+  if constexpr (F == Q8_0) {
+    for (int j = 0; j < 32; ++j) out[j] = reinterpret_cast<const int8_t*>(block + 2)[j];
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    for (int j = 0; j < 32; ++j) out[j] = place.scales[j / 16] * q6k_code(place, j);
+  } else if constexpr (F == Q4_K) {  // sub-blocks 2i and 2i + 1: the low and high nibbles of bytes 32i..32i+31
+    const uint8_t* q = block + 16 + 32 * (s / 2);
+    for (int j = 0; j < 32; ++j) out[j] = s % 2 ? q[j] >> 4 : q[j] & 15;
+  } else {  // values 0..15 the low nibbles of the 16 bytes, 16..31 the high ones; Q4_0's codes are q - 8
+    const uint8_t* q = block + (F == Q4_1 ? 4 : 2);
+    const int offset = F == Q4_0 ? 8 : 0;
+    for (int j = 0; j < 16; ++j) {
+      out[j] = (q[j] & 15) - offset;
+      out[j + 16] = (q[j] >> 4) - offset;
+    }
+  }
+}
+
+// Sub-block s's 32 values: plain ones as stored (int8 without its row scale), GGUF's scale * q + min (Q6_K:
+// (d * its half's scale) * q, as gguf rounds it).
+template <int64_t F>
+inline void decode(const uint8_t* block, int64_t s, float* out) {
+  if constexpr (F == F32) {
+    std::memcpy(out, block, QK * sizeof(float));
+  } else if constexpr (F == BF16) {
+    for (int j = 0; j < 32; ++j) out[j] = bf16_at(block + 2 * j);
+  } else if constexpr (F == I8) {
+    for (int j = 0; j < 32; ++j) out[j] = reinterpret_cast<const int8_t*>(block)[j];
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    const float d = half_at(block + 208);
+    for (int j = 0; j < 32; ++j) out[j] = (d * place.scales[j / 16]) * static_cast<float>(q6k_code(place, j));
+  } else {
+    float scale, min;
+    scale_and_min<F>(block, s, &scale, &min);
+    int32_t q[32];
+    codes<F>(block, s, q);
+    for (int j = 0; j < 32; ++j) out[j] = scale * static_cast<float>(q[j]) + min;
+  }
+}
+
+#if defined(__AVX512F__)
+// Vectors of 16 floats: a sub-block is two.
+using Vec = __m512;
+constexpr int LANES = 16;
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float horizontal_sum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline Vec from_u8(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+inline Vec from_i8(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
+inline Vec from_bf16(const uint8_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#elif defined(__AVX2__)
+// Vectors of 8 floats: a sub-block is four.
+using Vec = __m256;
+constexpr int LANES = 8;
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float horizontal_sum(Vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline Vec from_u8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+inline Vec from_i8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
+inline Vec from_bf16(const uint8_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+#ifdef __AVX2__
+constexpr int VECS = QK / LANES;
+constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being decoded: measured best of 512..4096
+
+// 16 byte codes (signed or not) as floats into the VECS / 2 vectors at q.
+template <bool SIGNED>
+inline void widen(__m128i bytes, Vec* q) {
+  const auto to_float = [](__m128i b) { return SIGNED ? from_i8(b) : from_u8(b); };
+  q[0] = to_float(bytes);
+  if constexpr (VECS == 4) q[1] = to_float(_mm_srli_si128(bytes, 8));
+}
+
+// Sub-block s's 32 values as floats, in value order: plain ones as stored, GGUF's integer codes.
+template <int64_t F>
+inline void values(const uint8_t* block, int64_t s, Vec* q) {
+  if constexpr (F == F32) {
+    for (int i = 0; i < VECS; ++i) q[i] = load(reinterpret_cast<const float*>(block) + LANES * i);
+  } else if constexpr (F == BF16) {
+    for (int i = 0; i < VECS; ++i) q[i] = from_bf16(block + 2 * LANES * i);
+  } else if constexpr (F == I8) {
+    for (int half = 0; half < 2; ++half)
+      widen<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * half)), q + half * VECS / 2);
+  } else if constexpr (F == Q8_0) {
+    for (int i = 0; i < VECS; ++i)
+      q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + LANES * i)));
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.low + 16 * half));
+      const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.high + 16 * half));
+      const __m128i nibble = _mm_and_si128(_mm_srli_epi16(low, place.nibble_shift), _mm_set1_epi8(15));
+      const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high, place.high_shift), _mm_set1_epi8(3)), 4);
+      const __m128i code = _mm_sub_epi8(_mm_or_si128(nibble, top), _mm_set1_epi8(32));
+      Vec* out = q + half * VECS / 2;
+      widen<true>(code, out);
+      for (int i = 0; i < VECS / 2; ++i) out[i] = mul(out[i], broadcast(place.scales[half]));
+    }
+  } else if constexpr (F == Q4_K) {
+    const uint8_t* bytes = block + 16 + 32 * (s / 2);
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
+      widen<false>(_mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble), q + half * VECS / 2);
+    }
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
+    const __m128i nibble = _mm_set1_epi8(15);
+    __m128i low = _mm_and_si128(packed, nibble), high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    if constexpr (F == Q4_0) {  // codes q - 8, signed
+      low = _mm_sub_epi8(low, _mm_set1_epi8(8));
+      high = _mm_sub_epi8(high, _mm_set1_epi8(8));
+    }
+    widen<F == Q4_0>(low, q);
+    widen<F == Q4_0>(high, q + VECS / 2);
+  }
+}
+
+// Independent accumulator chains per row of x: a fused multiply-add waits ~4 cycles for the one before it in
+// its chain, and two issue per cycle, so a few rows need several chains each to keep the units busy.
+constexpr int chains(int rows) { return rows >= 8 ? 1 : rows >= 4 ? 2 : 4; }
+
+// ROWS rows of x against one weight row: each sub-block decoded once, a GGUF scale applied once per row.
+template <int64_t F, int ROWS>
+inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k, const uint8_t* weights, float* out,
+                           int64_t out_stride) {
+  constexpr int C = chains(ROWS);
+  const int64_t subs = k / QK;
+  Vec acc[ROWS][C];
+  float min_acc[ROWS] = {};
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = zero();
+  for (int64_t sb = 0; sb < subs; ++sb) {
+    const uint8_t* block = block_of<F>(weights, sb);
+    const int64_t s = sb % sub_blocks(F);
+    if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
+    Vec q[VECS];
+    values<F>(block, s, q);
+    if constexpr (plain(F)) {
+      for (int r = 0; r < ROWS; ++r) {
+        const float* xs = x + r * k + sb * QK;
+        for (int i = 0; i < VECS; ++i) {
+          Vec& chain = acc[r][(sb * VECS + i) % C];
+          chain = fmadd(q[i], load(xs + LANES * i), chain);
+        }
+      }
+    } else {
+      float scale_value, min;
+      scale_and_min<F>(block, s, &scale_value, &min);
+      const Vec scale = broadcast(scale_value);
+      for (int r = 0; r < ROWS; ++r) {
+        const float* xs = x + r * k + sb * QK;
+        Vec dot = mul(q[0], load(xs));
+        for (int i = 1; i < VECS; ++i) dot = fmadd(q[i], load(xs + LANES * i), dot);
+        Vec& chain = acc[r][sb % C];
+        chain = fmadd(scale, dot, chain);
+        if constexpr (has_minimum(F)) min_acc[r] += min * x_block_sums[r * subs + sb];
+      }
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    Vec total = acc[r][0];
+    for (int c = 1; c < C; ++c) total = add(total, acc[r][c]);
+    out[r * out_stride] = horizontal_sum(total) + min_acc[r] + tail_dot<F>(weights, x + r * k, k);
+  }
+}
+#endif
+
+// y[m, j] = x[m] . w[n_begin + j] for the weight rows n_begin..n_end-1 (row stride w_row_bytes), y [m_count, *]
+// with row stride y_stride; ROWS_AT_ONCE rows of x at a time, each block decoded into registers once for them.
+// x_block_sums: x summed over each sub-block, [m_count, k / QK], for formats with minimums (else unread).
+template <int64_t F>
+void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_count, int64_t k, const uint8_t* w,
+                       int64_t w_row_bytes, int64_t n_begin, int64_t n_end, float* y, int64_t y_stride) {
+  const int64_t subs = k / QK;
+  for (int64_t row = n_begin; row < n_end; ++row) {
+    const uint8_t* weights = w + row * w_row_bytes;
+    for (int64_t m0 = 0; m0 < m_count; m0 += ROWS_AT_ONCE) {
+      const int64_t rows = std::min(ROWS_AT_ONCE, m_count - m0);
+      float* out = y + m0 * y_stride + (row - n_begin);
+#ifdef __AVX2__
+      const float *xs = x + m0 * k, *sums = x_block_sums + m0 * subs;
+      switch (rows) {
+        case 1: rows_times_row<F, 1>(xs, sums, k, weights, out, y_stride); break;
+        case 2: rows_times_row<F, 2>(xs, sums, k, weights, out, y_stride); break;
+        case 3: rows_times_row<F, 3>(xs, sums, k, weights, out, y_stride); break;
+        case 4: rows_times_row<F, 4>(xs, sums, k, weights, out, y_stride); break;
+        case 5: rows_times_row<F, 5>(xs, sums, k, weights, out, y_stride); break;
+        case 6: rows_times_row<F, 6>(xs, sums, k, weights, out, y_stride); break;
+        case 7: rows_times_row<F, 7>(xs, sums, k, weights, out, y_stride); break;
+        default: rows_times_row<F, 8>(xs, sums, k, weights, out, y_stride); break;
+      }
+#else
+      for (int64_t r = 0; r < rows; ++r) {
+        float total = 0.0f;
+        for (int64_t sb = 0; sb < subs; ++sb) {
+          float v[QK];
+          decode<F>(block_of<F>(weights, sb), sb % sub_blocks(F), v);
+          const float* xs = x + (m0 + r) * k + sb * QK;
+          for (int j = 0; j < QK; ++j) total += v[j] * xs[j];
+        }
+        out[r * y_stride] = total + tail_dot<F>(weights, x + (m0 + r) * k, k);
+      }
+#endif
+    }
+  }
+}
+
+// x's sums over each whole sub-block of 32 of its rows, [m, k / QK]: what the minimums of Q4_1 / Q4_K multiply.
+inline std::vector<float> block_sums(const float* x, int64_t m, int64_t k) {
+  const int64_t subs = k / QK;
+  std::vector<float> sums(m * subs, 0.0f);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < subs * QK; ++i) sums[r * subs + i / QK] += x[r * k + i];
+  return sums;
+}
+
+template <typename Fn>
+void dispatch(int64_t format, Fn&& fn) {
+  switch (format) {
+    case F32: return fn(std::integral_constant<int64_t, F32>{});
+    case BF16: return fn(std::integral_constant<int64_t, BF16>{});
+    case I8: return fn(std::integral_constant<int64_t, I8>{});
+    case Q4_0: return fn(std::integral_constant<int64_t, Q4_0>{});
+    case Q4_1: return fn(std::integral_constant<int64_t, Q4_1>{});
+    case Q8_0: return fn(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return fn(std::integral_constant<int64_t, Q4_K>{});
+    case Q6_K: return fn(std::integral_constant<int64_t, Q6_K>{});
+  }
+  TORCH_CHECK(false, "no CPU kernel for weight format ", format);
+}
+
+}  // namespace chitu_cpu
