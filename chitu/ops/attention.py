@@ -40,7 +40,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def kernels_run(backend: str, x: torch.Tensor) -> bool:
     """Whether attention over `x` (queries, or the weights that make them) runs the Triton kernels: no
     host reads then, so a decode step can be captured."""
-    return backend != "ref" and triton_ops.matmul_enabled(x)
+    return backend != "ref" and triton_ops.enabled(x)
 
 
 def latent_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, latent: int, scale: float,

@@ -15,7 +15,7 @@ __all__ = ["capturable", "fused_experts", "select_experts"]
 def capturable(expert_weights: torch.Tensor) -> bool:
     """Whether the experts' computation can be captured in a CUDA graph: the Triton path never waits for
     the host, the torch reference reads its expert counts there."""
-    return triton_ops.matmul_enabled(expert_weights)
+    return triton_ops.enabled(expert_weights)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
@@ -32,7 +32,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor, first_expert: int) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over this rank's experts (see torch_ref.moe)."""
-    if triton_ops.matmul_enabled(x):
+    if triton_ops.enabled(x):
         return kernels.fused_experts(x, gate_up, down, weights, ids, first_expert)
     if cpu_kernels.takes(x, gate_up, down):
         return cpu_kernels.fused_experts(x, gate_up, down, weights, ids, first_expert)

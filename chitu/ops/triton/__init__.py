@@ -11,8 +11,3 @@ def enabled(x: torch.Tensor) -> bool:
     """Whether the Triton kernels run on `x`: CUDA tensors, triton installed."""
     return AVAILABLE and x.is_cuda
 
-
-def matmul_enabled(x: torch.Tensor) -> bool:
-    """Whether the kernels built on tl.dot run on `x`: not in float32, which tl.dot would round to tf32
-    (float32 stays on the torch references)."""
-    return enabled(x) and x.dtype != torch.float32

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton.dot import dot
+
 LOG2E = 1.4426950408889634
 # tuned on an H100 (bf16, head_dim 128); decode is within noise for BLOCK_N 32..128
 DECODE_BLOCK_N = 32
@@ -48,7 +50,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table_row, k_head, v_head,
     d = tl.arange(0, BLOCK_D)
     k = tl.load(k_head + (block * stride_block + slot * stride_token)[:, None] + d[None, :],
                 mask=in_range[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(q.dtype)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = dot(q, tl.trans(k), None) * qk_scale
     visible = in_range[None, :]
     if CAUSAL:
         visible = visible & (pos[None, :] <= q_pos[:, None])
@@ -60,7 +62,7 @@ def _attend_tile(acc, m_i, l_i, q, q_pos, n0, kv_end, table_row, k_head, v_head,
     dv = tl.arange(0, BLOCK_DV)
     v = tl.load(v_head + (block * v_stride_block + slot * v_stride_token)[:, None] + dv[None, :],
                 mask=in_range[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+    acc = dot(p.to(q.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 

@@ -11,6 +11,7 @@ the GEMV path of moe_gemv.py instead, where their configuration (moe_config.py) 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from chitu.ops.triton import moe_gemv
+from chitu.ops.triton.dot import dot
 from chitu.ops.triton.moe_config import BlockConfig, GemvConfig, MoEConfig, config_for
 
 
@@ -146,10 +148,10 @@ def _grouped_gemm_kernel(
         k_mask = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = dot(a, w, acc)
         if GATED:
             w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc_up = tl.dot(a, w_up, acc_up)
+            acc_up = dot(a, w_up, acc_up)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     if GATED:
@@ -179,13 +181,15 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, layout: B
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor, first_expert: int, config: MoEConfig | None = None) -> torch.Tensor:
-    """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] bf16/fp16 on CUDA."""
+    """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] on CUDA."""
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
     inter = gate_up.shape[1] // 2
     config = config or config_for(x.device, gate_up.shape[0], inter, x.shape[1], top_k, num_tokens)
     if isinstance(config, GemvConfig):
         return moe_gemv.fused_experts(x, gate_up, down, weights, ids, first_expert, config)
+    if x.dtype == torch.float32:  # twice the bytes of the (bf16-tuned) tiles: fewer of them in shared memory
+        config = dataclasses.replace(config, num_stages=min(config.num_stages, 2))
     align = align_to_blocks_kernel if num_slots <= MAX_KERNEL_SLOTS else align_to_blocks
     layout = align(ids, first_expert, gate_up.shape[0], config.block_m)
     activated = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)

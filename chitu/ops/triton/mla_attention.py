@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton.dot import dot
 from chitu.ops.triton.attention import EVEN_SPLITS_FROM, LOG2E, _decode_merge_kernel, _decode_splits
 
 BLOCK_M = 16  # (query, head) rows a program
@@ -61,13 +62,13 @@ def _latent_kernel(q_ptr, cache_ptr, tables_ptr, context_lens_ptr, query_start_p
         entry = cache_ptr + (block * stride_block + (pos % BLOCK_SIZE) * stride_token)[:, None]
         k_lat = tl.load(entry + lat[None, :], mask=in_range[:, None] & (lat < LATENT)[None, :], other=0.0)
         k_rope = tl.load(entry + LATENT + rope[None, :], mask=in_range[:, None] & (rope < ROPE)[None, :], other=0.0)
-        s = (tl.dot(q_lat, tl.trans(k_lat.to(q_lat.dtype))) + tl.dot(q_rope, tl.trans(k_rope.to(q_rope.dtype)))) * qk_scale
+        s = dot(q_rope, tl.trans(k_rope.to(q_rope.dtype)), dot(q_lat, tl.trans(k_lat.to(q_lat.dtype)), None)) * qk_scale
         # a live row sees its tile's first key: m_new stays finite there
         s = tl.where(in_range[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q_lat.dtype), k_lat.to(q_lat.dtype))
+        acc = dot(p.to(q_lat.dtype), k_lat.to(q_lat.dtype), acc * alpha[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
