@@ -69,8 +69,14 @@ def assert_same_greedy(graph: list[TokenLogprob], eager: list[TokenLogprob], tol
         assert abs(differences[-1]) <= tolerance, f"step {step}: logprob differences so far {differences}"
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("name", list(CONFIGS))
+# DeepSeek's grouped sigmoid routing is compared in float32 only: in bf16 the padded GEMMs' last-bit differences
+# flip an expert choice now and then (graph and eager agree to 1e-4 for steps, then part by 0.05-0.1 at one step),
+# which says nothing of the graph path; float32 checks it to 2e-3.
+CASES = [(name, dtype) for name in CONFIGS for dtype in TOLERANCES
+         if not (name.startswith("deepseek") and dtype == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_graph_decode_equals_eager(batch, name, dtype):
     model = random_model(name, dtype)

@@ -194,6 +194,18 @@ def test_mla_absorbed_into_a_latent_cache_matches_transformers(family, mla_absor
         assert error <= 1e-4, f"step {step} (0 = prefill)"
 
 
+def test_mla_rotates_its_rope_part_whatever_head_dim_the_config_carries():
+    """A DeepSeek config whose head_dim (64) is not its qk_rope_head_dim (32): RoPE turns the 32 rope
+    values of each head (a table of 16 frequencies), as the published configs (head_dim = qk_rope_head_dim) do."""
+    from chitu.models.registry import build_model
+    config = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, head_dim=64, q_lora_rank=24,
+                                           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=32, v_head_dim=12,
+                                           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           architectures=["DeepseekV3ForCausalLM"])
+    model = build_model(config, "deepseek-v3", 64, torch.float32, "none")
+    assert model.model.rotary.cos.shape == (64, 16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_on_cuda_is_as_close_to_fp32_transformers_as_transformers_bf16(family):
     assert_as_close_as_transformers_bf16(load_tiny(family.path, family.model_type, "cuda", torch.bfloat16),

@@ -21,3 +21,8 @@ class ModelContext:
     def head_dim(self) -> int:
         config = self.config
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The width of a head RoPE rotates (before partial_rotary_factor): MLA's rope part, else the whole head."""
+        return getattr(self.config, "qk_rope_head_dim", None) or self.head_dim

@@ -84,7 +84,7 @@ class DecoderModel(nn.Module):
         config, state = ctx.config, parallel_state()
         layers = stage_layers(config.num_hidden_layers, state.pp_size, state.pp_rank, state.pp_layer_partition)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, ctx.dtype) if state.is_first_stage else None
-        self.rotary = RotaryEmbedding(config, ctx.head_dim, ctx.max_positions, builders.rope_interleaved)
+        self.rotary = RotaryEmbedding(config, ctx.rope_head_dim, ctx.max_positions, builders.rope_interleaved)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(ctx, i, f"model.layers.{i}", builders, self.rotary)
                                      for i in layers})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.dtype) if state.is_last_stage else None

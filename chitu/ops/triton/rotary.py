@@ -94,6 +94,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         x = x.contiguous()
     tokens, heads, head_dim = x.shape
     half_rot = cos.shape[-1]
+    if 2 * half_rot > head_dim:
+        raise ValueError(f"a rotary table of {2 * half_rot} values per position for heads of {head_dim}")
     cos, sin = cos.contiguous(), sin.contiguous()
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
