@@ -87,7 +87,8 @@ def resolve_cuda_graph(config: ChituConfig, device: torch.device, capturable: bo
 
 
 def resolve_attention_backend(config: ChituConfig, device: torch.device) -> str:
-    """'triton' or 'ref' (the plain-torch reference); other backends name their missing pip extra."""
+    """'triton', 'cpu' (C++ decode attention, the reference for prefill) or 'ref' (plain torch); other
+    backends name their missing pip extra."""
     attn_type = config.infer.attn_type
     if attn_type in OPTIONAL_BACKENDS:
         package, extra = OPTIONAL_BACKENDS[attn_type]
@@ -99,8 +100,10 @@ def resolve_attention_backend(config: ChituConfig, device: torch.device) -> str:
         raise ConfigError("infer.attn_type=npu needs an Ascend build (CHITU_ASCEND_BUILD=1), not built here")
     if attn_type == "triton" and device.type != "cuda":
         raise ConfigError("infer.attn_type=triton needs a CUDA device; use auto or ref on CPU")
+    if attn_type == "cpu" and device.type != "cpu":
+        raise ConfigError("infer.attn_type=cpu runs on the CPU (device=cpu); use auto or triton on CUDA")
     if attn_type == "auto":
-        return "triton" if device.type == "cuda" else "ref"
+        return "triton" if device.type == "cuda" else "cpu"
     return attn_type
 
 

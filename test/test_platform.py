@@ -13,7 +13,8 @@ def test_defaults_on_cpu():
     assert resolve_device(config) == CPU
     assert resolve_dtype(config) == torch.bfloat16
     assert resolve_dtype(compose_config(["dtype=float32"])) == torch.float32
-    assert resolve_attention_backend(config, CPU) == "ref"
+    assert resolve_attention_backend(config, CPU) == "cpu"
+    assert resolve_attention_backend(compose_config(["infer.attn_type=ref"]), CPU) == "ref"
     assert resolve_cuda_graph(config, CPU) is False
 
 

@@ -140,7 +140,7 @@ class ChituConfig:
 
 CHOICES: dict[str, tuple] = {
     "infer.cache_type": ("paged", "skew"),
-    "infer.attn_type": ("auto", "ref", "triton", "flash_attn", "flash_infer", "flash_mla", "npu"),
+    "infer.attn_type": ("auto", "ref", "cpu", "triton", "flash_attn", "flash_infer", "flash_mla", "npu"),
     "infer.op_impl": ("torch", "cpu", "muxi_custom_kernel"),
     "infer.mla_absorb": ("none", "absorb-without-precomp", "absorb"),
     "models.reasoning_parser": (None, "deepseek_r1", "qwen3"),

@@ -62,7 +62,7 @@ class MLALatentSpec(KVCacheSpec):
 
 @runtime_checkable
 class CachesKV(Protocol):
-    backend: str  # the attention implementation, set by the engine: "ref" (torch) or "triton"
+    backend: str  # the attention implementation, set by the engine: "ref" (torch), "cpu" or "triton"
 
     def kv_cache_spec(self) -> KVCacheSpec: ...
 

@@ -2,6 +2,7 @@
 import torch
 
 from chitu.ops import triton as triton_ops
+from chitu.ops.cpu import decode as cpu_kernels
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.ops.torch_ref import attention as ref
 
@@ -27,9 +28,12 @@ def store_rows(rows: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tens
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, backend: str = "triton") -> torch.Tensor:
-    """backend "ref" forces the torch reference; "triton" uses the kernels where they run. Values may be
+    """backend "ref" forces the torch reference; "triton" uses the kernels where they run, "cpu" its C++
+    kernel for decode steps (ops/cpu/decode.py). Values may be
     narrower than keys (MLA without absorption: head_dim_v)."""
     if not kernels_run(backend, q):
+        if backend == "cpu" and meta.max_query_len == 1 and q.stride(-1) == 1 and cpu_kernels.enabled(q):
+            return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
         return ref.paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.max_query_len == 1:
         return kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)

@@ -3,6 +3,7 @@ after a per-head RMSNorm (see torch_ref.rotary)."""
 import torch
 
 from chitu.ops import triton as triton_ops
+from chitu.ops.cpu import decode as cpu_kernels
 from chitu.ops.torch_ref import rotary as ref
 from chitu.ops.torch_ref.rotary import HeadNorm
 
@@ -14,4 +15,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
                  norm: HeadNorm | None = None) -> torch.Tensor:
     if triton_ops.enabled(x):
         return kernels.apply_rotary(x, cos, sin, interleaved, norm=norm)
+    if norm is None and x.stride(-1) == 1 and cos.dtype == torch.float32 and cpu_kernels.enabled(cos):
+        return cpu_kernels.apply_rotary(x, cos, sin, interleaved)
     return ref.apply_rotary(x, cos, sin, interleaved, norm)

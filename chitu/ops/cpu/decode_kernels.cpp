@@ -1,0 +1,202 @@
+// The small per-token operations of a CPU decode step, each one call instead of the several torch ops of
+// its reference (chitu/ops/torch_ref): at batch 1 the dispatch of those ops costs more than their work.
+// They compute in float32 and round where the references round, so a float32 model matches them to
+// summation order.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T rounded(float v) { return static_cast<T>(v); }
+
+// (weight * rms-normalised(x)) per row, x rounded to its dtype before the product, as the reference does.
+template <typename T>
+void normalise_row(const T* x, const T* weight, T* out, int64_t width, float eps) {
+  float sum_squares = 0.f;
+  for (int64_t i = 0; i < width; ++i) sum_squares += to_float(x[i]) * to_float(x[i]);
+  const float inverse = 1.f / std::sqrt(sum_squares / width + eps);
+  for (int64_t i = 0; i < width; ++i)
+    out[i] = rounded<T>(to_float(weight[i]) * to_float(rounded<T>(to_float(x[i]) * inverse)));
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.scalar_type() == x.scalar_type());
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  auto out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) normalise_row(xp + r * width, wp, op + r * width, width, eps);
+    });
+  });
+  return out;
+}
+
+// (rms_norm(x + residual), x + residual), the sum rounded to the dtype first.
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& residual,
+                                        const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && residual.sizes() == x.sizes() &&
+              residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type());
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  auto summed = torch::empty_like(x), out = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *rp = residual.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
+    scalar_t *sp = summed.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = 0; i < width; ++i)
+          sp[r * width + i] = rounded<scalar_t>(to_float(xp[r * width + i]) + to_float(rp[r * width + i]));
+        normalise_row(sp + r * width, wp, op + r * width, width, eps);
+      }
+    });
+  });
+  return {out, summed};
+}
+
+// Decode attention over a paged cache: q [B, heads, D] (one query per sequence), caches [blocks, block_size,
+// kv_heads, D or Dv], block_tables [B, width], context_lens [B] → [B, heads, Dv]. One task per (sequence,
+// KV head) scores its context for the heads sharing that KV head, then sums the values under the softmax.
+template <typename T, typename C>
+void attend_one(const T* q, const C* k_cache, const C* v_cache, const int64_t* table, int64_t context,
+                int64_t kv_head, int64_t group, int64_t head_dim, int64_t head_dim_v, int64_t block_size,
+                const int64_t* k_strides, const int64_t* v_strides, int64_t q_head_stride, float scale, T* out,
+                int64_t out_head_stride) {
+  std::vector<float> queries(group * head_dim), scores(group * context), acc(group * head_dim_v, 0.f);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d) queries[g * head_dim + d] = to_float(q[g * q_head_stride + d]) * scale;
+  std::vector<float> key(head_dim);
+  for (int64_t pos = 0; pos < context; ++pos) {
+    const C* k = k_cache + table[pos / block_size] * k_strides[0] + (pos % block_size) * k_strides[1] +
+                 kv_head * k_strides[2];
+    for (int64_t d = 0; d < head_dim; ++d) key[d] = to_float(k[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      float s = 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) s += queries[g * head_dim + d] * key[d];
+      scores[g * context + pos] = s;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores.data() + g * context;
+    const float top = *std::max_element(row, row + context);
+    float total = 0.f;
+    for (int64_t pos = 0; pos < context; ++pos) total += (row[pos] = std::exp(row[pos] - top));
+    for (int64_t pos = 0; pos < context; ++pos) row[pos] /= total;
+  }
+  std::vector<float> value(head_dim_v);
+  for (int64_t pos = 0; pos < context; ++pos) {
+    const C* v = v_cache + table[pos / block_size] * v_strides[0] + (pos % block_size) * v_strides[1] +
+                 kv_head * v_strides[2];
+    for (int64_t d = 0; d < head_dim_v; ++d) value[d] = to_float(v[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * context + pos];
+      for (int64_t d = 0; d < head_dim_v; ++d) acc[g * head_dim_v + d] += p * value[d];
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim_v; ++d) out[g * out_head_stride + d] = rounded<T>(acc[g * head_dim_v + d]);
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && q.stride(-1) == 1 &&
+              k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1 && k_cache.scalar_type() == v_cache.scalar_type());
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+              block_tables.is_contiguous() && context_lens.is_contiguous());
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = k_cache.size(2), head_dim_v = v_cache.size(3), group = heads / kv_heads;
+  TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(3) == head_dim);
+  auto out = torch::empty({batch, heads, head_dim_v}, q.options());
+  const int64_t k_strides[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  const int64_t v_strides[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = context_lens.data_ptr<int64_t>();
+  const int64_t width = block_tables.size(1), block_size = k_cache.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "decode_attention_cache", [&] {
+      using C = scalar_t;
+      at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / kv_heads, kv_head = task % kv_heads;
+          attend_one<T, C>(q.data_ptr<T>() + b * q.stride(0) + kv_head * group * q.stride(1), k_cache.data_ptr<C>(),
+                           v_cache.data_ptr<C>(), tables + b * width, lens[b], kv_head, group, head_dim, head_dim_v,
+                           block_size, k_strides, v_strides, q.stride(1), scale,
+                           out.data_ptr<T>() + b * out.stride(0) + kv_head * group * out.stride(1), out.stride(1));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// Rotary embedding of x [T, heads, head_dim] (last dim contiguous) by cos/sin [T, rotary_dim / 2]: neox halves or
+// interleaved pairs; every product and sum rounded to x's dtype, as the reference computes in it.
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(-1) == 1 && cos.is_contiguous() && sin.is_contiguous() &&
+              cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat);
+  const int64_t tokens = x.size(0), heads = x.size(1), head_dim = x.size(2), half = cos.size(-1);
+  TORCH_CHECK(2 * half <= head_dim && cos.size(0) == tokens);
+  auto out = torch::empty({tokens, heads, head_dim}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "apply_rotary", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    const int64_t first = interleaved ? 1 : half, step = interleaved ? 2 : 1;
+    at::parallel_for(0, tokens * heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t t = row / heads;
+        const T* in = xp + t * x.stride(0) + (row % heads) * x.stride(1);
+        T* o = op + row * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = to_float(rounded<T>(cp[t * half + i])), s = to_float(rounded<T>(sp[t * half + i]));
+          const float a = to_float(in[i * step]), b = to_float(in[i * step + first]);
+          o[i * step] = rounded<T>(to_float(rounded<T>(a * c)) - to_float(rounded<T>(b * s)));
+          o[i * step + first] = rounded<T>(to_float(rounded<T>(b * c)) + to_float(rounded<T>(a * s)));
+        }
+        for (int64_t d = 2 * half; d < head_dim; ++d) o[d] = in[d];
+      }
+    });
+  });
+  return out;
+}
+
+// silu(x[..., :n]) * x[..., n:] for rows of width 2n, silu rounded to the dtype before the product.
+torch::Tensor silu_and_mul(const torch::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0);
+  const int64_t width = x.size(-1) / 2, rows = x.numel() / x.size(-1);
+  auto sizes = x.sizes().vec();
+  sizes.back() = width;
+  auto out = torch::empty(sizes, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, rows * width, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / width, c = i % width;
+        const float gate = to_float(xp[r * 2 * width + c]);
+        op[i] = rounded<T>(to_float(rounded<T>(gate / (1.f + std::exp(-gate)))) * to_float(xp[r * 2 * width + width + c]));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("decode_attention", &decode_attention);
+  m.def("apply_rotary", &apply_rotary);
+  m.def("silu_and_mul", &silu_and_mul);
+}
