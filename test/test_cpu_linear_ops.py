@@ -1,6 +1,6 @@
-"""The CPU kernel for plain bfloat16 weights (ops/cpu/linear.py) against a float64 matmul of the same
-values: widths that are and are not multiples of its 32-value blocks, odd out-features, 1 to 40 rows
-(eight at a time), a bias; and ops.linear taking it for bfloat16 weights on the CPU."""
+"""The CPU kernel for plain float32 and bfloat16 weights (ops/cpu/linear.py) against a float64 matmul of
+the same values: widths that are and are not multiples of its 32-value blocks, odd out-features, 1 to 40
+rows (eight at a time), a bias; and ops.linear taking it on the CPU where it is faster."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,21 @@ def test_bf16_weights_times_rows_are_the_float64_product_rounded_once(out_featur
     assert ((out.double() - expected).norm() / expected.norm()).item() < 3e-3
 
 
-def test_ops_linear_takes_the_kernel_for_bf16_weights_on_the_cpu_and_torch_for_float32():
-    weight, x = torch.randn(24, 64).bfloat16(), torch.randn(3, 64).bfloat16()
-    assert cpu_linear.takes_plain(x, weight) and not cpu_linear.takes_plain(x.float(), weight.float())
-    assert torch.equal(linear_ops.linear(x, weight), cpu_linear.plain_linear(x, weight))
-    assert torch.equal(linear_ops.linear(x.float(), weight.float()), F.linear(x.float(), weight.float()))
+@pytest.mark.parametrize("out_features, in_features", [(77, 160), (130, 40), (33, 577)])
+@pytest.mark.parametrize("rows", [1, 9, 16])
+def test_float32_weights_times_rows_are_the_float64_product(out_features, in_features, rows):
+    torch.manual_seed(rows * in_features)
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+    x = torch.randn(rows, in_features)
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    out = cpu_linear.plain_linear(x, weight, bias)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+def test_ops_linear_takes_the_kernel_on_the_cpu_and_torch_past_its_rows_for_float32():
+    weight, x = torch.randn(24, 64), torch.randn(cpu_linear.FLOAT32_MAX_ROWS + 1, 64)
+    assert torch.equal(linear_ops.linear(x[:3].bfloat16(), weight.bfloat16()),
+                       cpu_linear.plain_linear(x[:3].bfloat16(), weight.bfloat16()))
+    assert torch.equal(linear_ops.linear(x[:-1], weight), cpu_linear.plain_linear(x[:-1], weight))
+    assert torch.equal(linear_ops.linear(x, weight), F.linear(x, weight))
+    assert not cpu_linear.takes_plain(x.half(), weight.half())
