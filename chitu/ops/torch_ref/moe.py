@@ -79,7 +79,8 @@ class _ExpertGroups:
         if isinstance(weights, torch.Tensor):
             out_features, in_features = weights.shape[1:]
             aligned = (out_features * x.element_size()) % 16 == 0 and (in_features * x.element_size()) % 16 == 0
-            if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # it needs 16-byte strides
+            grouped = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")
+            if x.device.type == "cpu" and aligned and grouped:  # it needs 16-byte strides
                 return torch._grouped_mm(x, weights.transpose(1, 2), offs=self.offsets)
         expert_linear = weights.expert_linear if not isinstance(weights, torch.Tensor) else \
             (lambda e, rows: F.linear(rows, weights[e]))
