@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import triton
 from chitu.ops.torch_ref import moe as ref_moe
 from chitu.ops.triton import fused_moe
 from chitu.ops.triton.moe_config import CONFIG_DIR, BlockConfig, GemvConfig, MoEConfig, default_config, shape_key
+from chitu.ops.triton.tuned_table import gpu_file, update_table
 
 # (experts, intermediate, hidden, top-k) of the full models; tensor parallelism slices the intermediate size
 MODELS = {"Qwen3-30B-A3B": (128, 768, 2048, 8), "Qwen3-235B-A22B": (128, 1536, 4096, 8),
@@ -78,16 +78,13 @@ def main() -> None:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, help="the token counts to tune")
     args = parser.parse_args()
-    path = args.out / f"{torch.cuda.get_device_name().replace(' ', '_')}.json"
-    table = json.loads(path.read_text()) if path.is_file() else {}
+    path = gpu_file(args.out, torch.cuda.current_device())
     for name in args.shapes:
         experts, inter, hidden, top_k = MODELS[name]
         for tp in args.tp:
             print(f"{name} tp={tp}: E={experts} N={inter // tp} K={hidden} top-k={top_k}", flush=True)
             tuned = tune_shape(experts, inter // tp, hidden, top_k, args.tokens)
-            table.setdefault(shape_key(experts, inter // tp, hidden, top_k), {}).update(tuned)
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            update_table(path, {shape_key(experts, inter // tp, hidden, top_k): tuned})
     print(f"wrote {path}")
 
 

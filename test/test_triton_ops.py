@@ -145,6 +145,20 @@ def test_norm_gemv(dtype, n, k, weight_dtype, with_residual):
     assert_close(out, torch.nn.functional.linear(normed.float(), w.float()), ELEMENTWISE_TOL[dtype])
 
 
+@pytest.mark.parametrize("tile", [gemv.GemvTile(1, 2048, 4, 2), gemv.GemvTile(32, 512, 8, 3), gemv.GemvTile(4, 1024, 4, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gemv_tiles(tile, dtype):
+    """Any tile a tuned table may name, on a shape none divides: the plain product and the normed one."""
+    n, k = 1001, 2063
+    x, residual, norm_weight = randn(1, k, dtype=dtype), randn(1, k, dtype=dtype), randn(k, dtype=dtype)
+    w = randn(n, k, dtype=dtype) / k**0.5
+    out = gemv.gemv(x, w, out=poisoned((1, n), dtype), tile=tile)
+    assert_close(out, torch.nn.functional.linear(x.float(), w.float()), ELEMENTWISE_TOL[dtype])
+    out, normed, summed = gemv.norm_gemv(x, residual, norm_weight, 1e-6, w, out=poisoned((1, n), dtype), tile=tile)
+    assert torch.equal(summed, x + residual)
+    assert_close(out, torch.nn.functional.linear(normed.float(), w.float()), ELEMENTWISE_TOL[dtype])
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("n,k", [(128, 2048), (60, 1037)])
 def test_float_linear_of_a_router(tokens, n, k):

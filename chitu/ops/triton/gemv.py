@@ -2,18 +2,55 @@
 smaller matrices well below the copy rate. Each program reduces a band of W's rows in fp32.
 
 `norm_gemv` also applies the (residual add and) RMSNorm before the product: every program normalises
-the one row itself, so the norm costs no launch of its own."""
+the one row itself, so the norm costs no launch of its own.
+
+The tile of each shape comes from the table benchmarks/tune_gemv.py writes for this GPU
+(gemv_configs/<GPU name>.json); shapes not in it are autotuned at their first call, a pick that the
+few microseconds of these kernels make noisy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 
-CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-           for bn, bk, w, s in [(8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (4, 1024, 4, 3),
-                                (8, 512, 8, 4), (32, 256, 8, 3), (16, 1024, 8, 3),
-                                # few rows a program: enough programs for the small matrices of MoE models
-                                (4, 512, 4, 4), (2, 1024, 4, 4), (4, 2048, 8, 3), (2, 2048, 8, 3),
-                                # few rows (an MoE router's 128 experts): one or two rows a program
-                                (1, 2048, 4, 2), (2, 1024, 4, 3), (1, 1024, 4, 3), (2, 2048, 8, 2)]]
+from chitu.ops.triton.tuned_table import gpu_table
+
+CONFIG_DIR = Path(__file__).with_name("gemv_configs")
+
+
+@dataclass(frozen=True)
+class GemvTile:
+    block_n: int  # rows of W a program reduces
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config({"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}, num_warps=self.num_warps,
+                             num_stages=self.num_stages)
+
+
+CANDIDATES = [GemvTile(*fields) for fields in [
+    (8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (4, 1024, 4, 3), (8, 512, 8, 4),
+    (32, 256, 8, 3), (16, 1024, 8, 3), (32, 512, 8, 3), (8, 2048, 8, 3),
+    # few rows a program: enough programs for the small matrices of MoE models
+    (4, 512, 4, 4), (2, 1024, 4, 4), (4, 2048, 8, 3), (2, 2048, 8, 3), (4, 1024, 8, 3),
+    # few rows (an MoE router's 128 experts): one or two rows a program
+    (1, 2048, 4, 2), (2, 1024, 4, 3), (1, 1024, 4, 3), (2, 2048, 8, 2)]]
+
+
+def shape_key(n: int, k: int, has_norm: bool, weight_dtype: torch.dtype) -> str:
+    return f"N={n},K={k},norm={int(has_norm)},{str(weight_dtype).removeprefix('torch.')}"
+
+
+@lru_cache(maxsize=None)
+def tuned_tile(device_index: int, n: int, k: int, has_norm: bool, weight_dtype: torch.dtype) -> GemvTile | None:
+    fields = gpu_table(CONFIG_DIR, device_index).get(shape_key(n, k, has_norm, weight_dtype))
+    return GemvTile(**fields) if fields else None
 
 
 @triton.jit
@@ -40,7 +77,6 @@ def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col
     return normed
 
 
-@triton.autotune(configs=CONFIGS, key=["N", "K", "HAS_NORM"])
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, eps,
                  HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -70,29 +106,42 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, nor
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, norm_args: tuple) -> torch.Tensor:
+_autotuned_kernel = triton.autotune(configs=[tile.triton_config() for tile in CANDIDATES],
+                                    key=["N", "K", "HAS_NORM"])(_gemv_kernel)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, norm_args: tuple,
+            tile: GemvTile | None) -> torch.Tensor:
     n, k = weight.shape
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     residual, norm_weight, normed, residual_out, eps, has_norm, has_residual = norm_args
-    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x.contiguous(), weight, weight.stride(0), out, n, k, residual, norm_weight, normed, residual_out, eps,
-        HAS_NORM=has_norm, HAS_RESIDUAL=has_residual)
+    args = (x.contiguous(), weight, weight.stride(0), out, n, k, residual, norm_weight, normed, residual_out, eps)
+    tile = tile or tuned_tile(weight.device.index or 0, n, k, has_norm, weight.dtype)
+    if tile is None:
+        _autotuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual)
+    else:
+        _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
+            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+            num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype or out's (fp32 accumulation)."""
-    return _launch(x, weight, out, (x, x, x, x, 0.0, False, False))
+def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+         tile: GemvTile | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype or out's (fp32 accumulation), with the given
+    tile or this GPU's choice for the shape."""
+    return _launch(x, weight, out, (x, x, x, x, 0.0, False, False), tile)
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-              weight: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              weight: torch.Tensor, out: torch.Tensor | None = None, tile: GemvTile | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(normed @ weight^T, normed, x + residual) for one row, where normed = rms_norm(x + residual):
     what norm.add_rms_norm (or norm.rms_norm without a residual) and then gemv compute, in one launch.
     Without a residual the third is x itself. The product is in x's dtype or out's."""
     normed = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
     out = _launch(x, weight, out, (x if residual is None else residual.contiguous(), norm_weight, normed, summed,
-                                    eps, True, residual is not None))
+                                    eps, True, residual is not None), tile)
     return out, normed, summed

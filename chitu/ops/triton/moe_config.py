@@ -3,12 +3,13 @@ them to moe_configs/<GPU name>.json), a heuristic for everything else. A BlockCo
 tensor-core path (fused_moe.py), a GemvConfig the few-token path (moe_gemv.py)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from chitu.ops.triton.tuned_table import gpu_table
 
 CONFIG_DIR = Path(__file__).with_name("moe_configs")
 
@@ -51,17 +52,9 @@ def shape_key(num_experts: int, intermediate: int, hidden: int, top_k: int) -> s
 
 
 @lru_cache(maxsize=None)
-def device_file(device_index: int) -> Path:
-    return CONFIG_DIR / f"{torch.cuda.get_device_name(device_index).replace(' ', '_')}.json"
-
-
-@lru_cache(maxsize=None)
-def _tuned(path: Path) -> dict[str, dict[int, MoEConfig]]:
-    if not path.is_file():
-        return {}
-    table = json.loads(path.read_text())
+def _tuned(device_index: int) -> dict[str, dict[int, MoEConfig]]:
     return {shape: {int(tokens): parse_config(config) for tokens, config in by_tokens.items()}
-            for shape, by_tokens in table.items()}
+            for shape, by_tokens in gpu_table(CONFIG_DIR, device_index).items()}
 
 
 def parse_config(fields: dict) -> MoEConfig:
@@ -71,7 +64,7 @@ def parse_config(fields: dict) -> MoEConfig:
 def config_for(device: torch.device, num_experts: int, intermediate: int, hidden: int, top_k: int,
                num_tokens: int) -> MoEConfig:
     """The tuned configuration of the nearest tuned token count for this GPU and shape, else the heuristic."""
-    by_tokens = _tuned(device_file(device.index or 0)).get(shape_key(num_experts, intermediate, hidden, top_k))
+    by_tokens = _tuned(device.index or 0).get(shape_key(num_experts, intermediate, hidden, top_k))
     if not by_tokens:
         return default_config(num_tokens * top_k, num_tokens)
     nearest = min(by_tokens, key=lambda tuned: (abs(tuned - num_tokens), tuned))
