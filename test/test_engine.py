@@ -1,6 +1,8 @@
 """The engine on the real default model (fp32): continuous batching, KV exhaustion, chunked prefill,
 admission limits, aborts and stop conditions."""
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -181,3 +183,15 @@ def test_repetition_penalty_changes_greedy_and_is_never_overlapped(engine, alone
     finally:
         engine.overlap_steps = False
     assert request.output_token_ids == penalised
+
+
+def test_the_cpu_kernels_are_built_at_startup_not_in_the_first_request(smollm2_path):
+    """A fresh process: once the engine is up, the decode and linear kernels its model runs are loaded
+    (building them takes tens of seconds on a fresh machine, which the first request must not wait for)."""
+    script = ("from chitu import LLM\n"
+              "from chitu.ops.cpu import decode, linear\n"
+              "LLM('dtype=float32', 'infer.max_seq_len=64', 'infer.max_reqs=1')\n"
+              "print(decode._kernels.cache_info().currsize, linear._plain_kernels.cache_info().currsize)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]

@@ -47,6 +47,7 @@ class Worker:
         if infer.num_blocks == -1:
             self._check_kv_capacity()
         self.runner.allocate_kv_cache(self.num_blocks)
+        self.runner.warm_up()
         logger.info("KV cache: %d blocks of %d tokens; attention: %s; CUDA graphs: %s",
                     self.num_blocks, infer.block_size, attention_backend, self.runner.use_cuda_graph)
 

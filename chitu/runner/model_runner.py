@@ -109,22 +109,35 @@ class ModelRunner:
                                        self.block_size, self.device)
 
     @torch.inference_mode()
-    def profile_activation_bytes(self, num_tokens: int) -> int:
-        """Peak memory a prefill of `num_tokens` tokens needs beyond the weights (CUDA only)."""
+    def warm_up(self) -> None:
+        """One placeholder decode-sized step where no CUDA graph was captured, so that what a first request
+        would otherwise wait for happens at startup: building the CPU kernels the model uses (tens of
+        seconds on a fresh machine), compiling the Triton ones."""
+        if self.graphs is None:
+            self._placeholder_forward(1)
+
+    def _placeholder_forward(self, num_tokens: int) -> None:
+        """A prefill of `num_tokens` zero tokens into the first KV blocks (a request overwrites what it
+        later reads), with stand-in activations on later pipeline stages: each stage runs on its own."""
         blocks = -(-num_tokens // self.block_size)
-        self._allocate_pages(blocks)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
         meta = AttentionMetadata.build([num_tokens], [num_tokens], [list(range(blocks))], self.block_size, self.device)
         tokens = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         intermediate = None
-        if not self.parallel.is_first_stage:  # stand-in activations: only their size matters here
+        if not self.parallel.is_first_stage:  # only their size matters here
             intermediate = tuple(torch.zeros(shape, dtype=dtype, device=self.device)
                                  for shape, dtype in self.model.intermediate_spec(num_tokens))
         out = self.model(tokens, meta, intermediate)
         if self.parallel.is_last_stage:
             self.model.compute_logits(out[-1:])
+
+    @torch.inference_mode()
+    def profile_activation_bytes(self, num_tokens: int) -> int:
+        """Peak memory a prefill of `num_tokens` tokens needs beyond the weights (CUDA only)."""
+        self._allocate_pages(-(-num_tokens // self.block_size))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._placeholder_forward(num_tokens)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         for layer in self.cache_layers:
