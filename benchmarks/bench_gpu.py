@@ -166,14 +166,14 @@ def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict, model_
 
 
 @torch.inference_mode()
-def hf_decode_rate(model, batch: int, vocab: int, new_tokens: int) -> float:
+def hf_decode_rate(model, batch: int, vocab: int, new_tokens: int, compiled: bool) -> float:
     ids = torch.tensor(random_prompts(batch, PROMPT, vocab), device="cuda")
 
     def generate(n: int) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, cache_implementation="static", pad_token_id=0)
+                       do_sample=False, cache_implementation="static", pad_token_id=0, disable_compile=not compiled)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -181,14 +181,16 @@ def hf_decode_rate(model, batch: int, vocab: int, new_tokens: int) -> float:
     return batch * (new_tokens - 1) / (generate(new_tokens) - generate(1))
 
 
-def bench_transformers(hf_config, batches: list[int], quick: bool) -> dict:
+def bench_transformers(hf_config, batches: list[int], quick: bool, compiled: bool = True) -> dict:
+    """`compiled`: generate's automatic torch.compile of the static-cache forward (its fast path for dense
+    models); off, the eager forward (MoE shapes: compiling their routed experts outlasts the run)."""
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).eval()
     row = {}
     for batch in batches:
         new_tokens = 32 if quick or batch == 1 else OUTPUT  # batch 1 is slow eager: a shorter run gives the rate
-        row[f"b{batch}"] = hf_decode_rate(model, batch, hf_config.vocab_size, new_tokens)
+        row[f"b{batch}"] = hf_decode_rate(model, batch, hf_config.vocab_size, new_tokens, compiled)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -196,12 +198,12 @@ def bench_transformers(hf_config, batches: list[int], quick: bool) -> dict:
 
 
 def print_moe(name: str, row: dict, hf: dict, batches: list[int]) -> None:
-    print(f"\n{'engine / shape':28}" + "".join(f"{'b' + str(b) + ' tok/s':>13}" for b in batches)
+    print(f"\n{'engine / shape':36}" + "".join(f"{'b' + str(b) + ' tok/s':>13}" for b in batches)
           + f"{'prefill 2k s':>14}{'step b1 ms':>12}")
-    print(f"{'chitu ' + name:28}" + "".join(f"{row[f'b{b}']:>13.1f}" for b in batches)
+    print(f"{'chitu ' + name:36}" + "".join(f"{row[f'b{b}']:>13.1f}" for b in batches)
           + f"{row['prefill_s']:>14.4f}{row['b1_step_ms']:>12.2f}")
-    print(f"{'  sampled (T=0.8 p=0.9 k=50)':28}" + "".join(f"{row[f'b{b}_sampled']:>13.1f}" for b in batches))
-    print(f"{'transformers ' + name:28}" + "".join(f"{hf[f'b{b}']:>13.1f}" if f"b{b}" in hf else f"{'-':>13}"
+    print(f"{'  sampled (T=0.8 p=0.9 k=50)':36}" + "".join(f"{row[f'b{b}_sampled']:>13.1f}" for b in batches))
+    print(f"{'transformers (eager) ' + name:36}" + "".join(f"{hf[f'b{b}']:>13.1f}" if f"b{b}" in hf else f"{'-':>13}"
                                                  for b in batches))
     print(f"{name}: {row['params_B']:.2f}B parameters, {row['active_B']:.2f}B active per token; batch 1 "
           f"{row['b1']:.1f} tok/s = {row['b1'] / row['roofline_b1']:.1%} of the active-parameter roofline "
@@ -218,7 +220,7 @@ def run_moe(batches: list[int], ceilings: dict, shapes: list[str]) -> None:
         model_type, config = MOE_SHAPES[name]
         row = bench_chitu(name, config, batches, ceilings, model_type)
         print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
-        hf = bench_transformers(config, [b for b in batches if b in (16, 64)], quick=True)
+        hf = bench_transformers(config, [b for b in batches if b in (16, 64)], quick=True, compiled=False)
         print_moe(name, row, hf, batches)
 
 

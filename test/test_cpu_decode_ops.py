@@ -3,6 +3,7 @@ inputs of awkward sizes: to summation order in float32, to a rounding flip in bf
 import pytest
 import torch
 
+from chitu.ops import attention, rotary
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.ops.cpu import decode as kernels
 from chitu.ops.torch_ref import activation as ref_activation
@@ -44,6 +45,18 @@ def test_rotary_of_a_strided_view(dtype, interleaved, head_dim, rotary_dim):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_rotary_after_head_norms_runs_the_kernels_as_the_reference(dtype):
+    """Qwen3's q/k norms before RoPE (two weights: q heads, then k heads), on a strided view of qkv."""
+    tokens, q_heads, kv_heads, head_dim = 6, 5, 2, 64
+    fused = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    x = fused[:, : (q_heads + kv_heads) * head_dim].view(tokens, q_heads + kv_heads, head_dim)
+    norm = (torch.rand(head_dim, dtype=dtype) + 0.5, torch.rand(head_dim, dtype=dtype) + 0.5, q_heads, 1e-6)
+    angles = torch.rand(tokens, head_dim // 2) * 6
+    got = rotary.apply_rotary(x, angles.cos(), angles.sin(), False, norm)
+    assert_close(got, ref_rotary.apply_rotary(x, angles.cos(), angles.sin(), False, norm), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
 def test_silu_and_mul(dtype):
     x = torch.randn(3, 2, 2 * 77, dtype=dtype)
     assert_close(kernels.silu_and_mul(x), ref_activation.silu_and_mul(x), dtype)
@@ -69,4 +82,18 @@ def test_decode_attention_over_pages(dtype, heads, kv_heads, head_dim, head_dim_
     want = ref_attention.paged_attention(q.float(), k_cache.nan_to_num().float(), v_cache.nan_to_num().float(), meta,
                                          head_dim**-0.5)
     assert not got.isnan().any()
+    assert_close(got.float(), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_decode_attention_takes_q_cut_from_the_fused_projection(dtype):
+    """Batch > 1 decode: q is a row-strided view of qkv, which the kernel reads in place."""
+    block_size, heads, kv_heads, head_dim = 16, 4, 2, 32
+    meta = AttentionMetadata.build([1, 1, 1], [5, 17, 30], [[0], [1, 2], [3, 4]], block_size, "cpu")
+    k_cache, v_cache = (torch.randn(5, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q = qkv[:, : heads * head_dim].view(3, heads, head_dim)
+    assert not q.is_contiguous()
+    got = attention.paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5, backend="cpu")
+    want = ref_attention.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, head_dim**-0.5)
     assert_close(got.float(), want, dtype)

@@ -32,7 +32,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kernel for decode steps (ops/cpu/decode.py). Values may be
     narrower than keys (MLA without absorption: head_dim_v)."""
     if not kernels_run(backend, q):
-        if backend == "cpu" and meta.max_query_len == 1 and q.stride(-1) == 1 and cpu_kernels.enabled(q):
+        if backend == "cpu" and meta.max_query_len == 1 and q.stride(-1) == 1 and cpu_kernels.runs_on(q):
             return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
         return ref.paged_attention(q, k_cache, v_cache, meta, scale)
     if meta.max_query_len == 1:

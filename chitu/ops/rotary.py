@@ -4,6 +4,7 @@ import torch
 
 from chitu.ops import triton as triton_ops
 from chitu.ops.cpu import decode as cpu_kernels
+from chitu.ops.norm import rms_norm
 from chitu.ops.torch_ref import rotary as ref
 from chitu.ops.torch_ref.rotary import HeadNorm
 
@@ -15,6 +16,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
                  norm: HeadNorm | None = None) -> torch.Tensor:
     if triton_ops.enabled(x):
         return kernels.apply_rotary(x, cos, sin, interleaved, norm=norm)
-    if norm is None and x.stride(-1) == 1 and cos.dtype == torch.float32 and cpu_kernels.enabled(cos):
-        return cpu_kernels.apply_rotary(x, cos, sin, interleaved)
+    if x.stride(-1) == 1 and cos.dtype == torch.float32 and cpu_kernels.enabled(cos):
+        return cpu_kernels.apply_rotary(x if norm is None else _normed_heads(x, norm), cos, sin, interleaved)
     return ref.apply_rotary(x, cos, sin, interleaved, norm)
+
+
+def _normed_heads(x: torch.Tensor, norm: HeadNorm) -> torch.Tensor:
+    """The reference's per-head RMSNorm, on the row kernels: each head a row."""
+    low, high, split, eps = norm
+    parts = ((x[:, :split], low), (x[:, split:], high))
+    return torch.cat([rms_norm(part.reshape(-1, x.shape[-1]), weight, eps).view(part.shape) for part, weight in parts],
+                     dim=1)

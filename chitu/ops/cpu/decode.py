@@ -21,7 +21,12 @@ def _kernels():
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether the kernels run on `x`: a contiguous CPU tensor, the kernels built."""
-    return x.device.type == "cpu" and x.is_contiguous() and _kernels() is not None
+    return x.is_contiguous() and runs_on(x)
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether the kernels run on the device of `x` (those that take strided rows check their strides)."""
+    return x.device.type == "cpu" and _kernels() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
