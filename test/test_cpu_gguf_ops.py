@@ -1,6 +1,8 @@
 """The CPU kernels over GGUF blocks (ops/cpu/gguf.py) against `gguf`'s own dequantization and a float64
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
-not of 256 (Q4_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the dequantized GEMM)."""
+not of 256 (Q4_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the
+dequantized GEMM). Up to KERNEL_MAX_ROWS the kernel multiplies x as llama.cpp does, quantized to Q8_0: its
+product is with `gguf`'s Q8_0 round trip of x."""
 import subprocess
 import sys
 
@@ -21,6 +23,11 @@ SHAPES = {"Q4_K": K_SHAPES, "Q6_K": K_SHAPES}
 QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 
 
+def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
+    blocks = gguf.quants.quantize(x.numpy(), QType.Q8_0)
+    return torch.from_numpy(gguf.quants.dequantize(blocks, QType.Q8_0)).view_as(x)
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("shape", range(3))
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 24, 25, 64])
@@ -30,7 +37,8 @@ def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, shape, rows)
     blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
     weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
     x = torch.randn(rows, in_features)
-    expected = x.double() @ weight.T
+    multiplied = q8_0_round_trip(x) if rows <= gguf_ops.KERNEL_MAX_ROWS else x
+    expected = multiplied.double() @ weight.T
     out = gguf_ops.gguf_linear(x, torch.from_numpy(blocks), qtype)
     assert out.dtype == torch.float32 and out.shape == (rows, out_features)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6

@@ -38,11 +38,11 @@ struct Stack {
 
   const uint8_t* expert(int64_t e) const { return data + e * rows * row_bytes; }
 
-  // y [m, n_end - n_begin] (row stride y_stride) = x [m, k] times rows n_begin..n_end-1 of expert e.
-  void multiply(int64_t e, const float* x, const float* x_sums, int64_t m, int64_t n_begin, int64_t n_end, float* y,
+  // y [m, n_end - n_begin] (row stride y_stride) = rows row0..row0+m-1 of x times rows n_begin..n_end-1 of expert e.
+  void multiply(int64_t e, const Activations& x, int64_t row0, int64_t m, int64_t n_begin, int64_t n_end, float* y,
                 int64_t y_stride) const {
     dispatch(format, [&](auto f) {
-      rows_times_blocks<decltype(f)::value>(x, x_sums, m, k, expert(e), row_bytes, n_begin, n_end, y, y_stride);
+      rows_times_blocks<decltype(f)::value>(x, row0, m, expert(e), row_bytes, n_begin, n_end, y, y_stride);
     });
     if (!scale) return;
     const float* s = scale->data_ptr<float>() + e * rows;
@@ -81,10 +81,6 @@ struct Routing {
   int64_t count(int64_t a) const { return offsets[a + 1] - offsets[a]; }
 };
 
-std::vector<float> sums_if_needed(const Stack& stack, const float* x, int64_t m) {
-  return has_minimum(stack.format) ? block_sums(x, m, stack.k) : std::vector<float>(1);
-}
-
 }  // namespace
 
 // x [T, H] float32; gate_up [E, 2I, ...] and down [E, H, ...] (formats and int8 scales as above); weights [T, K]
@@ -110,15 +106,15 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
   std::vector<float> rows(pairs * hidden), h(pairs * 2 * width), act(pairs * width);
   const float* xp = x.data_ptr<float>();
   for (int64_t p = 0; p < pairs; ++p) std::memcpy(&rows[p * hidden], xp + routing.tokens[p] * hidden, hidden * 4);
-  const std::vector<float> row_sums = sums_if_needed(up, rows.data(), pairs);
+  const Activations up_in(rows.data(), pairs, hidden, up.format);
 
   const int64_t up_slices = (2 * width + GATE_UP_ROWS_PER_TASK - 1) / GATE_UP_ROWS_PER_TASK;
   at::parallel_for(0, experts * up_slices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t a = task / up_slices, n_begin = task % up_slices * GATE_UP_ROWS_PER_TASK;
       const int64_t n_end = std::min(n_begin + GATE_UP_ROWS_PER_TASK, 2 * width), p0 = routing.offsets[a];
-      up.multiply(routing.active[a], &rows[p0 * hidden], &row_sums[has_minimum(up.format) ? p0 * (hidden / QK) : 0],
-                  routing.count(a), n_begin, n_end, &h[p0 * 2 * width + n_begin], 2 * width);
+      up.multiply(routing.active[a], up_in, p0, routing.count(a), n_begin, n_end, &h[p0 * 2 * width + n_begin],
+                  2 * width);
     }
   });
   for (int64_t p = 0; p < pairs; ++p)
@@ -126,7 +122,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
       const float gate = h[p * 2 * width + i];
       act[p * width + i] = gate / (1.0f + std::exp(-gate)) * h[p * 2 * width + width + i];
     }
-  const std::vector<float> act_sums = sums_if_needed(dn, act.data(), pairs);
+  const Activations down_in(act.data(), pairs, width, dn.format);
 
   float* op = out.data_ptr<float>();
   const int64_t down_slices = (hidden + DOWN_ROWS_PER_TASK - 1) / DOWN_ROWS_PER_TASK;
@@ -138,8 +134,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
       for (int64_t a = 0; a < experts; ++a) {
         const int64_t p0 = routing.offsets[a], m = routing.count(a);
         y.resize(m * span);
-        dn.multiply(routing.active[a], &act[p0 * width], &act_sums[has_minimum(dn.format) ? p0 * (width / QK) : 0], m,
-                    n_begin, n_end, y.data(), span);
+        dn.multiply(routing.active[a], down_in, p0, m, n_begin, n_end, y.data(), span);
         for (int64_t i = 0; i < m; ++i) {
           float* o = op + routing.tokens[p0 + i] * hidden + n_begin;
           const float gate = routing.gates[p0 + i];

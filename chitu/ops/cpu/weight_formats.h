@@ -1,15 +1,17 @@
 // Weight rows as the CPU kernels read them, and the product of a few rows of x with them:
-// y[m, n] = sum_k x[m, k] w[n, k], x in float32, each row of w a run of blocks of one format —
-// GGUF's Q4_0, Q4_1, Q8_0 (blocks of 32 values), Q4_K and Q6_K (256: eight sub-blocks of 32 under their own
-// scales), or plain values: float32, bfloat16, int8 (its per-row scale applied by the caller). Every format is
-// read 32 values at a time; each such sub-block is decoded to float once for up to eight rows of x, and a
-// sub-block's minimum enters once through the sum of x over its 32 values. Compiled for the machine it runs
-// on (-march=native).
+// y[m, n] = sum_k x[m, k] w[n, k], each row of w a run of blocks of one format — GGUF's Q4_0, Q4_1, Q8_0 (blocks
+// of 32 values), Q4_K and Q6_K (256: eight sub-blocks of 32 under their own scales), or plain values: float32,
+// bfloat16, int8 (its per-row scale applied by the caller). Plain weights multiply x in float32. GGUF blocks
+// multiply x quantized per 32 values as ggml's Q8_0 is (Activations), in integer dots — llama.cpp's way, and
+// what makes 4-bit weights faster to multiply than to decode to floats. Every format is read 32 values at a
+// time, each such sub-block once for up to eight rows of x; a sub-block's minimum enters once through the sum
+// of x over its 32 values. Compiled for the machine it runs on (-march=native).
 #pragma once
 
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
@@ -71,6 +73,43 @@ constexpr int64_t row_bytes(int64_t format, int64_t k) {
 
 // Whether rows of k values can be stored in the format.
 constexpr bool fits(int64_t format, int64_t k) { return plain(format) || k % (QK * sub_blocks(format)) == 0; }
+
+// Rows of x [m, k] (float32) as the kernels multiply them by weights of one format. For GGUF blocks also
+// quantized per whole 32 values exactly as ggml's Q8_0 is (d = max|x| / 127, codes = x * (1 / d) rounded, d kept
+// in float16): their product is then with x's Q8_0 round trip d * code, whose sum over each 32 a block's minimum
+// multiplies.
+struct Activations {
+  const float* x;
+  int64_t k;
+  std::vector<int8_t> codes;        // [m, k / QK * QK]
+  std::vector<float> scales, sums;  // [m, k / QK]
+
+  Activations(const float* x_, int64_t m, int64_t k_, int64_t format) : x(x_), k(k_) {
+    if (plain(format)) return;
+    const int64_t subs = k / QK;
+    codes.resize(m * subs * QK);
+    scales.resize(m * subs);
+    sums.resize(m * subs);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t sb = 0; sb < subs; ++sb) {
+        const float* v = x + r * k + sb * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float d = amax / 127.0f, inverse = d != 0.0f ? 1.0f / d : 0.0f;
+        int8_t* q = &codes[(r * subs + sb) * QK];
+        int32_t total = 0;
+        for (int j = 0; j < QK; ++j) {
+          q[j] = static_cast<int8_t>(std::round(v[j] * inverse));
+          total += q[j];
+        }
+        scales[r * subs + sb] = static_cast<float>(c10::Half(d));
+        sums[r * subs + sb] = scales[r * subs + sb] * static_cast<float>(total);
+      }
+  }
+
+  const float* row(int64_t r) const { return x + r * k; }
+  const int8_t* row_codes(int64_t r) const { return codes.data() + r * (k / QK) * QK; }
+};
 
 // Value i of a row of plain values (int8 without its row scale).
 template <int64_t F>
@@ -224,58 +263,18 @@ inline Vec from_bf16(const uint8_t* p) {
 
 #ifdef __AVX2__
 constexpr int VECS = QK / LANES;
-constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being decoded: measured best of 512..4096
+constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being read: measured best of 512..4096
 
-// 16 byte codes (signed or not) as floats into the VECS / 2 vectors at q.
-template <bool SIGNED>
-inline void widen(__m128i bytes, Vec* q) {
-  const auto to_float = [](__m128i b) { return SIGNED ? from_i8(b) : from_u8(b); };
-  q[0] = to_float(bytes);
-  if constexpr (VECS == 4) q[1] = to_float(_mm_srli_si128(bytes, 8));
-}
-
-// Sub-block s's 32 values as floats, in value order: plain ones as stored, GGUF's integer codes.
+// Sub-block sb's 32 plain values as floats.
 template <int64_t F>
-inline void values(const uint8_t* block, int64_t s, Vec* q) {
+inline void values(const uint8_t* block, Vec* q) {
   if constexpr (F == F32) {
     for (int i = 0; i < VECS; ++i) q[i] = load(reinterpret_cast<const float*>(block) + LANES * i);
   } else if constexpr (F == BF16) {
     for (int i = 0; i < VECS; ++i) q[i] = from_bf16(block + 2 * LANES * i);
-  } else if constexpr (F == I8) {
-    for (int half = 0; half < 2; ++half)
-      widen<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * half)), q + half * VECS / 2);
-  } else if constexpr (F == Q8_0) {
-    for (int i = 0; i < VECS; ++i)
-      q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + LANES * i)));
-  } else if constexpr (F == Q6_K) {
-    const Q6KPlace place = q6k_place(block, s);
-    for (int half = 0; half < 2; ++half) {
-      const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.low + 16 * half));
-      const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.high + 16 * half));
-      const __m128i nibble = _mm_and_si128(_mm_srli_epi16(low, place.nibble_shift), _mm_set1_epi8(15));
-      const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high, place.high_shift), _mm_set1_epi8(3)), 4);
-      const __m128i code = _mm_sub_epi8(_mm_or_si128(nibble, top), _mm_set1_epi8(32));
-      Vec* out = q + half * VECS / 2;
-      widen<true>(code, out);
-      for (int i = 0; i < VECS / 2; ++i) out[i] = mul(out[i], broadcast(place.scales[half]));
-    }
-  } else if constexpr (F == Q4_K) {
-    const uint8_t* bytes = block + 16 + 32 * (s / 2);
-    const __m128i nibble = _mm_set1_epi8(15);
-    for (int half = 0; half < 2; ++half) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
-      widen<false>(_mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble), q + half * VECS / 2);
-    }
   } else {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
-    const __m128i nibble = _mm_set1_epi8(15);
-    __m128i low = _mm_and_si128(packed, nibble), high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-    if constexpr (F == Q4_0) {  // codes q - 8, signed
-      low = _mm_sub_epi8(low, _mm_set1_epi8(8));
-      high = _mm_sub_epi8(high, _mm_set1_epi8(8));
-    }
-    widen<F == Q4_0>(low, q);
-    widen<F == Q4_0>(high, q + VECS / 2);
+    for (int i = 0; i < VECS; ++i)
+      q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + LANES * i)));
   }
 }
 
@@ -283,99 +282,180 @@ inline void values(const uint8_t* block, int64_t s, Vec* q) {
 // its chain, and two issue per cycle, so a few rows need several chains each to keep the units busy.
 constexpr int chains(int rows) { return rows >= 8 ? 1 : rows >= 4 ? 2 : 4; }
 
-// ROWS rows of x against one weight row: each sub-block decoded once, a GGUF scale applied once per row.
+// ROWS rows of x against one row of plain weights, each sub-block loaded once for them.
 template <int64_t F, int ROWS>
-inline void rows_times_row(const float* x, const float* x_block_sums, int64_t k, const uint8_t* weights, float* out,
-                           int64_t out_stride) {
+inline void rows_times_plain_row(const float* x, int64_t k, const uint8_t* weights, float* out, int64_t out_stride) {
   constexpr int C = chains(ROWS);
-  const int64_t subs = k / QK;
   Vec acc[ROWS][C];
-  float min_acc[ROWS] = {};
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = zero();
-  for (int64_t sb = 0; sb < subs; ++sb) {
+  for (int64_t sb = 0; sb < k / QK; ++sb) {
     const uint8_t* block = block_of<F>(weights, sb);
-    const int64_t s = sb % sub_blocks(F);
-    if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
     Vec q[VECS];
-    values<F>(block, s, q);
-    if constexpr (plain(F)) {
-      for (int r = 0; r < ROWS; ++r) {
-        const float* xs = x + r * k + sb * QK;
-        for (int i = 0; i < VECS; ++i) {
-          Vec& chain = acc[r][(sb * VECS + i) % C];
-          chain = fmadd(q[i], load(xs + LANES * i), chain);
-        }
-      }
-    } else {
-      float scale_value, min;
-      scale_and_min<F>(block, s, &scale_value, &min);
-      const Vec scale = broadcast(scale_value);
-      for (int r = 0; r < ROWS; ++r) {
-        const float* xs = x + r * k + sb * QK;
-        Vec dot = mul(q[0], load(xs));
-        for (int i = 1; i < VECS; ++i) dot = fmadd(q[i], load(xs + LANES * i), dot);
-        Vec& chain = acc[r][sb % C];
-        chain = fmadd(scale, dot, chain);
-        if constexpr (has_minimum(F)) min_acc[r] += min * x_block_sums[r * subs + sb];
+    values<F>(block, q);
+    for (int r = 0; r < ROWS; ++r) {
+      const float* xs = x + r * k + sb * QK;
+      for (int i = 0; i < VECS; ++i) {
+        Vec& chain = acc[r][(sb * VECS + i) % C];
+        chain = fmadd(q[i], load(xs + LANES * i), chain);
       }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
     Vec total = acc[r][0];
     for (int c = 1; c < C; ++c) total = add(total, acc[r][c]);
-    out[r * out_stride] = horizontal_sum(total) + min_acc[r] + tail_dot<F>(weights, x + r * k, k);
+    out[r * out_stride] = horizontal_sum(total) + tail_dot<F>(weights, x + r * k, k);
   }
+}
+
+constexpr bool signed_codes(int64_t format) { return format == Q4_0 || format == Q8_0 || format == Q6_K; }
+
+inline __m128i nibbles(__m128i bytes, int shift) { return _mm_and_si128(_mm_srli_epi16(bytes, shift), _mm_set1_epi8(15)); }
+
+// Sub-block s's 32 integer codes of a GGUF block as bytes in value order (Q6_K: without its halves' scales).
+template <int64_t F>
+inline __m256i code_bytes(const uint8_t* block, int64_t s) {
+  if constexpr (F == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+  } else if constexpr (F == Q4_K) {  // sub-blocks 2i and 2i + 1: the low and high nibbles of bytes 32i..32i+31
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * (s / 2)));
+    return _mm256_and_si256(s % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(15));
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    __m128i half[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.low + 16 * h));
+      const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.high + 16 * h));
+      const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high, place.high_shift), _mm_set1_epi8(3)), 4);
+      half[h] = _mm_sub_epi8(_mm_or_si128(nibbles(low, place.nibble_shift), top), _mm_set1_epi8(32));
+    }
+    return _mm256_set_m128i(half[1], half[0]);
+  } else {  // values 0..15 the low nibbles of the 16 bytes, 16..31 the high ones; Q4_0's codes are q - 8
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
+    const __m256i q = _mm256_set_m128i(nibbles(packed, 4), nibbles(packed, 0));
+    return F == Q4_0 ? _mm256_sub_epi8(q, _mm256_set1_epi8(8)) : q;
+  }
+}
+
+// Sums of u * s over each four consecutive bytes (u unsigned, s signed; |u * s| of a pair within 16 bits).
+inline __m256i byte_dots(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float horizontal_sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The weights' scale of each of the eight sums of four (Q6_K: the first four in its first half's, the rest in
+// its second's) and the sub-block's minimum.
+template <int64_t F>
+inline __m256 lane_scales(const uint8_t* block, int64_t s, float* min) {
+  if constexpr (F == Q6_K) {
+    const float d = half_at(block + 208);
+    const int8_t* scales = q6k_place(block, s).scales;
+    *min = 0.0f;
+    return _mm256_set_m128(_mm_set1_ps(d * scales[1]), _mm_set1_ps(d * scales[0]));
+  } else {
+    float scale;
+    scale_and_min<F>(block, s, &scale, min);
+    return _mm256_set1_ps(scale);
+  }
+}
+
+// ROWS rows of x (quantized) against one row of GGUF blocks: each sub-block's codes made once for them, an
+// integer dot per row, scaled by the weights' and the row's scales.
+template <int64_t F, int ROWS>
+inline void rows_times_block_row(const Activations& a, int64_t row0, const uint8_t* weights, float* out,
+                                 int64_t out_stride) {
+  constexpr int C = chains(ROWS);
+  const int64_t subs = a.k / QK;
+  __m256 acc[ROWS][C];
+  float min_acc[ROWS] = {};
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < subs; ++sb) {
+    const uint8_t* block = block_of<F>(weights, sb);
+    const int64_t s = sb % sub_blocks(F);
+    if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
+    const __m256i codes = code_bytes<F>(block, s);
+    const __m256i magnitudes = signed_codes(F) ? _mm256_sign_epi8(codes, codes) : codes;
+    float min;
+    const __m256 scales = lane_scales<F>(block, s, &min);
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t row = row0 + r;
+      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.row_codes(row) + sb * QK));
+      if constexpr (signed_codes(F)) xq = _mm256_sign_epi8(xq, codes);  // the codes' signs moved onto x
+      const __m256 dots = _mm256_cvtepi32_ps(byte_dots(magnitudes, xq));
+      __m256& chain = acc[r][sb % C];
+      chain = _mm256_fmadd_ps(dots, _mm256_mul_ps(scales, _mm256_set1_ps(a.scales[row * subs + sb])), chain);
+      if constexpr (has_minimum(F)) min_acc[r] += min * a.sums[row * subs + sb];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m256 total = acc[r][0];
+    for (int c = 1; c < C; ++c) total = _mm256_add_ps(total, acc[r][c]);
+    out[r * out_stride] = horizontal_sum8(total) + min_acc[r];
+  }
+}
+
+template <int64_t F, int ROWS>
+inline void rows_times_row(const Activations& a, int64_t row0, const uint8_t* weights, float* out, int64_t out_stride) {
+  if constexpr (plain(F)) rows_times_plain_row<F, ROWS>(a.row(row0), a.k, weights, out, out_stride);
+  else rows_times_block_row<F, ROWS>(a, row0, weights, out, out_stride);
 }
 #endif
 
-// y[m, j] = x[m] . w[n_begin + j] for the weight rows n_begin..n_end-1 (row stride w_row_bytes), y [m_count, *]
-// with row stride y_stride; ROWS_AT_ONCE rows of x at a time, each block decoded into registers once for them.
-// x_block_sums: x summed over each sub-block, [m_count, k / QK], for formats with minimums (else unread).
+// One row of x (row r of a) against one weight row, without vector instructions.
 template <int64_t F>
-void rows_times_blocks(const float* x, const float* x_block_sums, int64_t m_count, int64_t k, const uint8_t* w,
-                       int64_t w_row_bytes, int64_t n_begin, int64_t n_end, float* y, int64_t y_stride) {
-  const int64_t subs = k / QK;
+inline float row_times_row(const Activations& a, int64_t r, const uint8_t* weights) {
+  const int64_t subs = a.k / QK;
+  float total = 0.0f;
+  for (int64_t sb = 0; sb < subs; ++sb) {
+    float v[QK];
+    decode<F>(block_of<F>(weights, sb), sb % sub_blocks(F), v);
+    for (int j = 0; j < QK; ++j)
+      total += v[j] * (plain(F) ? a.row(r)[sb * QK + j] : a.scales[r * subs + sb] * a.row_codes(r)[sb * QK + j]);
+  }
+  return total + tail_dot<F>(weights, a.row(r), a.k);
+}
+
+// y[i, j] = x[row0 + i] . w[n_begin + j] for the m_count rows of x from row0 and the weight rows n_begin..n_end-1
+// (row stride w_row_bytes), y [m_count, *] with row stride y_stride; ROWS_AT_ONCE rows of x at a time, each
+// block read into registers once for them.
+template <int64_t F>
+void rows_times_blocks(const Activations& a, int64_t row0, int64_t m_count, const uint8_t* w, int64_t w_row_bytes,
+                       int64_t n_begin, int64_t n_end, float* y, int64_t y_stride) {
   for (int64_t row = n_begin; row < n_end; ++row) {
     const uint8_t* weights = w + row * w_row_bytes;
     for (int64_t m0 = 0; m0 < m_count; m0 += ROWS_AT_ONCE) {
       const int64_t rows = std::min(ROWS_AT_ONCE, m_count - m0);
       float* out = y + m0 * y_stride + (row - n_begin);
 #ifdef __AVX2__
-      const float *xs = x + m0 * k, *sums = x_block_sums + m0 * subs;
+      const int64_t first = row0 + m0;
       switch (rows) {
-        case 1: rows_times_row<F, 1>(xs, sums, k, weights, out, y_stride); break;
-        case 2: rows_times_row<F, 2>(xs, sums, k, weights, out, y_stride); break;
-        case 3: rows_times_row<F, 3>(xs, sums, k, weights, out, y_stride); break;
-        case 4: rows_times_row<F, 4>(xs, sums, k, weights, out, y_stride); break;
-        case 5: rows_times_row<F, 5>(xs, sums, k, weights, out, y_stride); break;
-        case 6: rows_times_row<F, 6>(xs, sums, k, weights, out, y_stride); break;
-        case 7: rows_times_row<F, 7>(xs, sums, k, weights, out, y_stride); break;
-        default: rows_times_row<F, 8>(xs, sums, k, weights, out, y_stride); break;
+        case 1: rows_times_row<F, 1>(a, first, weights, out, y_stride); break;
+        case 2: rows_times_row<F, 2>(a, first, weights, out, y_stride); break;
+        case 3: rows_times_row<F, 3>(a, first, weights, out, y_stride); break;
+        case 4: rows_times_row<F, 4>(a, first, weights, out, y_stride); break;
+        case 5: rows_times_row<F, 5>(a, first, weights, out, y_stride); break;
+        case 6: rows_times_row<F, 6>(a, first, weights, out, y_stride); break;
+        case 7: rows_times_row<F, 7>(a, first, weights, out, y_stride); break;
+        default: rows_times_row<F, 8>(a, first, weights, out, y_stride); break;
       }
 #else
-      for (int64_t r = 0; r < rows; ++r) {
-        float total = 0.0f;
-        for (int64_t sb = 0; sb < subs; ++sb) {
-          float v[QK];
-          decode<F>(block_of<F>(weights, sb), sb % sub_blocks(F), v);
-          const float* xs = x + (m0 + r) * k + sb * QK;
-          for (int j = 0; j < QK; ++j) total += v[j] * xs[j];
-        }
-        out[r * y_stride] = total + tail_dot<F>(weights, x + (m0 + r) * k, k);
-      }
+      for (int64_t r = 0; r < rows; ++r) out[r * y_stride] = row_times_row<F>(a, row0 + m0 + r, weights);
 #endif
     }
   }
-}
-
-// x's sums over each whole sub-block of 32 of its rows, [m, k / QK]: what the minimums of Q4_1 / Q4_K multiply.
-inline std::vector<float> block_sums(const float* x, int64_t m, int64_t k) {
-  const int64_t subs = k / QK;
-  std::vector<float> sums(m * subs, 0.0f);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < subs * QK; ++i) sums[r * subs + i / QK] += x[r * k + i];
-  return sums;
 }
 
 template <typename Fn>
