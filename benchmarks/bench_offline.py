@@ -36,7 +36,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 PROMPT_LEN = 128
-QUANT_DTYPES = {"gguf": "float32"}  # the activations of a quantized run, where not bfloat16
+# The activations of a quantized run, where not bfloat16 alone: GGUF blocks meet float32 x decoded to floats,
+# bf16 x quantized to Q8_0 in integer dots (ops/cpu/gguf.py).
+QUANT_DTYPES = {"gguf": ["float32", "bfloat16"]}
 DECODE_PROMPT_LEN = 16
 SEED = 0
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
@@ -159,7 +161,7 @@ class LlamaCppRunner:
 
 def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp: bool = False,
                   quants: tuple[str, ...] = ()) -> list:
-    """Chitu in each dtype (and with each quantization: in bf16, gguf in fp32), then transformers in fp32 (the
+    """Chitu in each dtype (and with each quantization: in bf16, gguf in fp32 and bf16), then transformers in fp32 (the
     baseline), then llama.cpp where asked and installed. `path`: the checkpoint; None for the default
     model (SmolLM2's GGUF)."""
     from chitu.config import ConfigError, compose_config
@@ -168,7 +170,7 @@ def build_runners(path: str | None, dtypes: list[str], max_batch: int, llama_cpp
     except ConfigError as e:
         sys.exit(str(e))
     runners = ([ChituRunner(d, max_batch, path) for d in dtypes]
-               + [ChituRunner(QUANT_DTYPES.get(q, "bfloat16"), max_batch, path, quant=q) for q in quants]
+               + [ChituRunner(d, max_batch, path, quant=q) for q in quants for d in QUANT_DTYPES.get(q, ["bfloat16"])]
                + [TransformersRunner(hf_path)])
     if llama_cpp:
         try:

@@ -1,8 +1,8 @@
 """The CPU kernels over GGUF blocks (ops/cpu/gguf.py) against `gguf`'s own dequantization and a float64
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
 not of 256 (Q4_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the
-dequantized GEMM). Up to KERNEL_MAX_ROWS the kernel multiplies x as llama.cpp does, quantized to Q8_0: its
-product is with `gguf`'s Q8_0 round trip of x."""
+dequantized GEMM). Asked to quantize x (bf16 activations), the kernel multiplies x as llama.cpp does, quantized
+to Q8_0: its product is with `gguf`'s Q8_0 round trip of x."""
 import subprocess
 import sys
 
@@ -37,10 +37,23 @@ def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, shape, rows)
     blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
     weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
     x = torch.randn(rows, in_features)
-    multiplied = q8_0_round_trip(x) if rows <= gguf_ops.KERNEL_MAX_ROWS else x
-    expected = multiplied.double() @ weight.T
+    expected = x.double() @ weight.T
     out = gguf_ops.gguf_linear(x, torch.from_numpy(blocks), qtype)
     assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", range(3))
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 24])
+def test_quantized_x_meets_the_blocks_as_its_q8_0_round_trip(qtype, shape, rows):
+    out_features, in_features = SHAPES.get(qtype, [(77, 160), (5, 32), (130, 576)])[shape]
+    block_size = gguf.GGML_QUANT_SIZES[QType[qtype]][0]
+    blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
+    weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
+    x = torch.randn(rows, in_features)
+    expected = q8_0_round_trip(x).double() @ weight.T
+    out = gguf_ops.kernels().linear(x, torch.from_numpy(blocks), gguf_ops.FORMATS[qtype], True)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 
@@ -56,7 +69,8 @@ def test_bf16_activations_come_back_in_bf16_and_leading_dims_are_kept():
     x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
     out = gguf_ops.gguf_linear(x, blocks, "Q4_1")
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 33)
-    assert torch.equal(out, gguf_ops.gguf_linear(x.float().view(6, 96), blocks, "Q4_1").bfloat16().view(2, 3, 33))
+    quantized = gguf_ops.kernels().linear(x.float().view(6, 96), blocks, gguf_ops.FORMATS["Q4_1"], True)
+    assert torch.equal(out, quantized.bfloat16().view(2, 3, 33))
 
 
 def test_rows_the_kernel_cannot_take_are_refused_by_name():

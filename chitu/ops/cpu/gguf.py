@@ -13,7 +13,8 @@ VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
 KERNEL_MAX_ROWS = 24
 
 
-def _kernels():
+def kernels():
+    """The compiled kernels (ops/cpu/linear.py); where they cannot be built, an error that says what to do."""
     try:
         return cpu_linear.kernels()
     except KernelBuildError as e:
@@ -26,14 +27,16 @@ def takes(qtype: str, in_features: int) -> bool:
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """x [..., k] times the GGUF rows blocks [n, bytes], transposed → [..., n] in x's dtype (float32 inside)."""
+    """x [..., k] times the GGUF rows blocks [n, bytes], transposed → [..., n] in x's dtype (float32 sums). A few
+    rows in float32 meet the blocks decoded to floats; in a narrower dtype (bf16: 8 bits of precision already)
+    they are quantized to Q8_0 and meet the blocks' codes in integer dots, as llama.cpp's do, which is faster."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] <= KERNEL_MAX_ROWS:
-        out = _kernels().linear(rows, blocks, FORMATS[qtype])
+        out = kernels().linear(rows, blocks, FORMATS[qtype], x.dtype != torch.float32)
     else:
         out = rows @ dequantize(blocks, qtype, x.shape[-1]).T
     return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:
-    return _kernels().dequantize(blocks, FORMATS[qtype], in_features)
+    return kernels().dequantize(blocks, FORMATS[qtype], in_features)

@@ -54,7 +54,7 @@ def takes_plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for a float32 or bfloat16 weight, in x's dtype."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    out = _plain_kernels().linear(rows, weight.view(torch.uint8), PLAIN_FORMATS[weight.dtype])
+    out = _plain_kernels().linear(rows, weight.view(torch.uint8), PLAIN_FORMATS[weight.dtype], False)
     if bias is not None:
         out += bias
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])

@@ -23,15 +23,15 @@ void check(const torch::Tensor& w, int64_t format, int64_t k) {
 
 }  // namespace
 
-// x [m, k] float32, w [n, bytes] uint8 (the rows' bytes) → x w^T [m, n] float32 (GGUF blocks: x quantized
-// per 32 values, weight_formats.h Activations)
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t format) {
+// x [m, k] float32, w [n, bytes] uint8 (the rows' bytes) → x w^T [m, n] float32; quantize_x: GGUF blocks meet x
+// quantized to Q8_0 (weight_formats.h Activations)
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t format, bool quantize_x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x must be float32 [m, k]");
   const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
   check(w, format, k);
   const torch::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
-  const Activations rows(xp, m, k, format);
+  const Activations rows(xp, m, k, format, quantize_x);
   torch::Tensor y = torch::empty({m, n}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();

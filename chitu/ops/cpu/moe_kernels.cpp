@@ -106,7 +106,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
   std::vector<float> rows(pairs * hidden), h(pairs * 2 * width), act(pairs * width);
   const float* xp = x.data_ptr<float>();
   for (int64_t p = 0; p < pairs; ++p) std::memcpy(&rows[p * hidden], xp + routing.tokens[p] * hidden, hidden * 4);
-  const Activations up_in(rows.data(), pairs, hidden, up.format);
+  const Activations up_in(rows.data(), pairs, hidden, up.format, false);
 
   const int64_t up_slices = (2 * width + GATE_UP_ROWS_PER_TASK - 1) / GATE_UP_ROWS_PER_TASK;
   at::parallel_for(0, experts * up_slices, 1, [&](int64_t begin, int64_t end) {
@@ -122,7 +122,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
       const float gate = h[p * 2 * width + i];
       act[p * width + i] = gate / (1.0f + std::exp(-gate)) * h[p * 2 * width + width + i];
     }
-  const Activations down_in(act.data(), pairs, width, dn.format);
+  const Activations down_in(act.data(), pairs, width, dn.format, false);
 
   float* op = out.data_ptr<float>();
   const int64_t down_slices = (hidden + DOWN_ROWS_PER_TASK - 1) / DOWN_ROWS_PER_TASK;

@@ -1,9 +1,9 @@
 // Weight rows as the CPU kernels read them, and the product of a few rows of x with them:
 // y[m, n] = sum_k x[m, k] w[n, k], each row of w a run of blocks of one format — GGUF's Q4_0, Q4_1, Q8_0 (blocks
 // of 32 values), Q4_K and Q6_K (256: eight sub-blocks of 32 under their own scales), or plain values: float32,
-// bfloat16, int8 (its per-row scale applied by the caller). Plain weights multiply x in float32. GGUF blocks
-// multiply x quantized per 32 values as ggml's Q8_0 is (Activations), in integer dots — llama.cpp's way, and
-// what makes 4-bit weights faster to multiply than to decode to floats. Every format is read 32 values at a
+// bfloat16, int8 (its per-row scale applied by the caller). Each sub-block is decoded to floats and meets x
+// in float32; or, for GGUF blocks under activations no finer than bf16, its integer codes meet x quantized per
+// 32 values as ggml's Q8_0 (Activations) in integer dots, llama.cpp's way. Every format is read 32 values at a
 // time, each such sub-block once for up to eight rows of x; a sub-block's minimum enters once through the sum
 // of x over its 32 values. Compiled for the machine it runs on (-march=native).
 #pragma once
@@ -74,22 +74,28 @@ constexpr int64_t row_bytes(int64_t format, int64_t k) {
 // Whether rows of k values can be stored in the format.
 constexpr bool fits(int64_t format, int64_t k) { return plain(format) || k % (QK * sub_blocks(format)) == 0; }
 
-// Rows of x [m, k] (float32) as the kernels multiply them by weights of one format. For GGUF blocks also
-// quantized per whole 32 values exactly as ggml's Q8_0 is (d = max|x| / 127, codes = x * (1 / d) rounded, d kept
-// in float16): their product is then with x's Q8_0 round trip d * code, whose sum over each 32 a block's minimum
-// multiplies.
+// Rows of x [m, k] (float32) as the kernels multiply them by weights of one format. With `quantize` (GGUF
+// blocks, activations no finer than bf16) also quantized per whole 32 values exactly as ggml's Q8_0 is
+// (d = max|x| / 127, codes = x * (1 / d) rounded, d kept in float16), for integer dots as llama.cpp takes them:
+// the product is then with x's Q8_0 round trip d * code. `sums`: x's (or the round trip's) sum over each 32,
+// which a GGUF block's minimum multiplies.
 struct Activations {
   const float* x;
   int64_t k;
-  std::vector<int8_t> codes;        // [m, k / QK * QK]
+  std::vector<int8_t> codes;        // [m, k / QK * QK], when quantized
   std::vector<float> scales, sums;  // [m, k / QK]
 
-  Activations(const float* x_, int64_t m, int64_t k_, int64_t format) : x(x_), k(k_) {
+  Activations(const float* x_, int64_t m, int64_t k_, int64_t format, bool quantize) : x(x_), k(k_) {
     if (plain(format)) return;
     const int64_t subs = k / QK;
+    sums.assign(m * subs, 0.0f);
+    if (!quantize) {
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t i = 0; i < subs * QK; ++i) sums[r * subs + i / QK] += x[r * k + i];
+      return;
+    }
     codes.resize(m * subs * QK);
     scales.resize(m * subs);
-    sums.resize(m * subs);
     for (int64_t r = 0; r < m; ++r)
       for (int64_t sb = 0; sb < subs; ++sb) {
         const float* v = x + r * k + sb * QK;
@@ -107,6 +113,7 @@ struct Activations {
       }
   }
 
+  bool quantized() const { return !codes.empty(); }
   const float* row(int64_t r) const { return x + r * k; }
   const int8_t* row_codes(int64_t r) const { return codes.data() + r * (k / QK) * QK; }
 };
@@ -265,16 +272,56 @@ inline Vec from_bf16(const uint8_t* p) {
 constexpr int VECS = QK / LANES;
 constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being read: measured best of 512..4096
 
-// Sub-block sb's 32 plain values as floats.
+// 16 byte codes (signed or not) as floats into the VECS / 2 vectors at q.
+template <bool SIGNED>
+inline void widen(__m128i bytes, Vec* q) {
+  const auto to_float = [](__m128i b) { return SIGNED ? from_i8(b) : from_u8(b); };
+  q[0] = to_float(bytes);
+  if constexpr (VECS == 4) q[1] = to_float(_mm_srli_si128(bytes, 8));
+}
+
+// Sub-block s's 32 values as floats, in value order: plain ones as stored, GGUF's integer codes.
 template <int64_t F>
-inline void values(const uint8_t* block, Vec* q) {
+inline void values(const uint8_t* block, int64_t s, Vec* q) {
   if constexpr (F == F32) {
     for (int i = 0; i < VECS; ++i) q[i] = load(reinterpret_cast<const float*>(block) + LANES * i);
   } else if constexpr (F == BF16) {
     for (int i = 0; i < VECS; ++i) q[i] = from_bf16(block + 2 * LANES * i);
-  } else {
+  } else if constexpr (F == I8) {
+    for (int half = 0; half < 2; ++half)
+      widen<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * half)), q + half * VECS / 2);
+  } else if constexpr (F == Q8_0) {
     for (int i = 0; i < VECS; ++i)
-      q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + LANES * i)));
+      q[i] = from_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2 + LANES * i)));
+  } else if constexpr (F == Q6_K) {
+    const Q6KPlace place = q6k_place(block, s);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.low + 16 * half));
+      const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(place.high + 16 * half));
+      const __m128i nibble = _mm_and_si128(_mm_srli_epi16(low, place.nibble_shift), _mm_set1_epi8(15));
+      const __m128i top = _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(high, place.high_shift), _mm_set1_epi8(3)), 4);
+      const __m128i code = _mm_sub_epi8(_mm_or_si128(nibble, top), _mm_set1_epi8(32));
+      Vec* out = q + half * VECS / 2;
+      widen<true>(code, out);
+      for (int i = 0; i < VECS / 2; ++i) out[i] = mul(out[i], broadcast(place.scales[half]));
+    }
+  } else if constexpr (F == Q4_K) {
+    const uint8_t* bytes = block + 16 + 32 * (s / 2);
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
+      widen<false>(_mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble), q + half * VECS / 2);
+    }
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
+    const __m128i nibble = _mm_set1_epi8(15);
+    __m128i low = _mm_and_si128(packed, nibble), high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    if constexpr (F == Q4_0) {  // codes q - 8, signed
+      low = _mm_sub_epi8(low, _mm_set1_epi8(8));
+      high = _mm_sub_epi8(high, _mm_set1_epi8(8));
+    }
+    widen<F == Q4_0>(low, q);
+    widen<F == Q4_0>(high, q + VECS / 2);
   }
 }
 
@@ -282,30 +329,49 @@ inline void values(const uint8_t* block, Vec* q) {
 // its chain, and two issue per cycle, so a few rows need several chains each to keep the units busy.
 constexpr int chains(int rows) { return rows >= 8 ? 1 : rows >= 4 ? 2 : 4; }
 
-// ROWS rows of x against one row of plain weights, each sub-block loaded once for them.
+// ROWS rows of x (float32) against one weight row: each sub-block decoded to floats once for them, a GGUF scale
+// applied once per row.
 template <int64_t F, int ROWS>
-inline void rows_times_plain_row(const float* x, int64_t k, const uint8_t* weights, float* out, int64_t out_stride) {
+inline void rows_times_float_row(const float* x, const float* x_block_sums, int64_t k, const uint8_t* weights,
+                                 float* out, int64_t out_stride) {
   constexpr int C = chains(ROWS);
+  const int64_t subs = k / QK;
   Vec acc[ROWS][C];
+  float min_acc[ROWS] = {};
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = zero();
-  for (int64_t sb = 0; sb < k / QK; ++sb) {
+  for (int64_t sb = 0; sb < subs; ++sb) {
     const uint8_t* block = block_of<F>(weights, sb);
-    _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
+    const int64_t s = sb % sub_blocks(F);
+    if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(block) + PREFETCH_BYTES, _MM_HINT_T0);
     Vec q[VECS];
-    values<F>(block, q);
-    for (int r = 0; r < ROWS; ++r) {
-      const float* xs = x + r * k + sb * QK;
-      for (int i = 0; i < VECS; ++i) {
-        Vec& chain = acc[r][(sb * VECS + i) % C];
-        chain = fmadd(q[i], load(xs + LANES * i), chain);
+    values<F>(block, s, q);
+    if constexpr (plain(F)) {
+      for (int r = 0; r < ROWS; ++r) {
+        const float* xs = x + r * k + sb * QK;
+        for (int i = 0; i < VECS; ++i) {
+          Vec& chain = acc[r][(sb * VECS + i) % C];
+          chain = fmadd(q[i], load(xs + LANES * i), chain);
+        }
+      }
+    } else {
+      float scale_value, min;
+      scale_and_min<F>(block, s, &scale_value, &min);
+      const Vec scale = broadcast(scale_value);
+      for (int r = 0; r < ROWS; ++r) {
+        const float* xs = x + r * k + sb * QK;
+        Vec dot = mul(q[0], load(xs));
+        for (int i = 1; i < VECS; ++i) dot = fmadd(q[i], load(xs + LANES * i), dot);
+        Vec& chain = acc[r][sb % C];
+        chain = fmadd(scale, dot, chain);
+        if constexpr (has_minimum(F)) min_acc[r] += min * x_block_sums[r * subs + sb];
       }
     }
   }
   for (int r = 0; r < ROWS; ++r) {
     Vec total = acc[r][0];
     for (int c = 1; c < C; ++c) total = add(total, acc[r][c]);
-    out[r * out_stride] = horizontal_sum(total) + tail_dot<F>(weights, x + r * k, k);
+    out[r * out_stride] = horizontal_sum(total) + min_acc[r] + tail_dot<F>(weights, x + r * k, k);
   }
 }
 
@@ -409,8 +475,12 @@ inline void rows_times_block_row(const Activations& a, int64_t row0, const uint8
 
 template <int64_t F, int ROWS>
 inline void rows_times_row(const Activations& a, int64_t row0, const uint8_t* weights, float* out, int64_t out_stride) {
-  if constexpr (plain(F)) rows_times_plain_row<F, ROWS>(a.row(row0), a.k, weights, out, out_stride);
-  else rows_times_block_row<F, ROWS>(a, row0, weights, out, out_stride);
+  if constexpr (plain(F)) {
+    rows_times_float_row<F, ROWS>(a.row(row0), nullptr, a.k, weights, out, out_stride);
+  } else {
+    if (a.quantized()) rows_times_block_row<F, ROWS>(a, row0, weights, out, out_stride);
+    else rows_times_float_row<F, ROWS>(a.row(row0), a.sums.data() + row0 * (a.k / QK), a.k, weights, out, out_stride);
+  }
 }
 #endif
 
@@ -423,7 +493,7 @@ inline float row_times_row(const Activations& a, int64_t r, const uint8_t* weigh
     float v[QK];
     decode<F>(block_of<F>(weights, sb), sb % sub_blocks(F), v);
     for (int j = 0; j < QK; ++j)
-      total += v[j] * (plain(F) ? a.row(r)[sb * QK + j] : a.scales[r * subs + sb] * a.row_codes(r)[sb * QK + j]);
+      total += v[j] * (a.quantized() ? a.scales[r * subs + sb] * a.row_codes(r)[sb * QK + j] : a.row(r)[sb * QK + j]);
   }
   return total + tail_dot<F>(weights, a.row(r), a.k);
 }
