@@ -23,6 +23,15 @@ SHAPES = {"Q4_K": K_SHAPES, "Q6_K": K_SHAPES}
 QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 
 
+def random_case(qtype: str, shape: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(random blocks [out, bytes], gguf's dequantization of them in float64, x [rows, in])."""
+    out_features, in_features = SHAPES.get(qtype, [(77, 160), (5, 32), (130, 576)])[shape]
+    block_size = gguf.GGML_QUANT_SIZES[QType[qtype]][0]
+    blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
+    weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
+    return torch.from_numpy(blocks), weight, torch.randn(rows, in_features)
+
+
 def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
     blocks = gguf.quants.quantize(x.numpy(), QType.Q8_0)
     return torch.from_numpy(gguf.quants.dequantize(blocks, QType.Q8_0)).view_as(x)
@@ -32,14 +41,10 @@ def q8_0_round_trip(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", range(3))
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 24, 25, 64])
 def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, shape, rows):
-    out_features, in_features = SHAPES.get(qtype, [(77, 160), (5, 32), (130, 576)])[shape]
-    block_size = gguf.GGML_QUANT_SIZES[QType[qtype]][0]
-    blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
-    weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
-    x = torch.randn(rows, in_features)
+    blocks, weight, x = random_case(qtype, shape, rows)
     expected = x.double() @ weight.T
-    out = gguf_ops.gguf_linear(x, torch.from_numpy(blocks), qtype)
-    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
+    out = gguf_ops.gguf_linear(x, blocks, qtype)
+    assert out.dtype == torch.float32 and out.shape == (rows, weight.shape[0])
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 
@@ -47,13 +52,9 @@ def test_kernel_is_the_product_with_gguf_dequantized_weights(qtype, shape, rows)
 @pytest.mark.parametrize("shape", range(3))
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 24])
 def test_quantized_x_meets_the_blocks_as_its_q8_0_round_trip(qtype, shape, rows):
-    out_features, in_features = SHAPES.get(qtype, [(77, 160), (5, 32), (130, 576)])[shape]
-    block_size = gguf.GGML_QUANT_SIZES[QType[qtype]][0]
-    blocks = random_rows(QType[qtype], (out_features, in_features // block_size), np.random.default_rng(rows))
-    weight = torch.from_numpy(gguf.quants.dequantize(blocks, QType[qtype])).double()
-    x = torch.randn(rows, in_features)
+    blocks, weight, x = random_case(qtype, shape, rows)
     expected = q8_0_round_trip(x).double() @ weight.T
-    out = gguf_ops.kernels().linear(x, torch.from_numpy(blocks), gguf_ops.FORMATS[qtype], True)
+    out = gguf_ops.kernels().linear(x, blocks, gguf_ops.FORMATS[qtype], True)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
 
 

@@ -1,7 +1,6 @@
 """The engine on the real default model (fp32): continuous batching, KV exhaustion, chunked prefill,
 admission limits, aborts and stop conditions."""
 import dataclasses
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,8 @@ import pytest
 from chitu import LLM, SamplingParams
 from chitu.engine.detokenizer import IncrementalDetokenizer
 from chitu.engine.engine import LLMEngine, RequestRejected
+
+import process_tree
 
 QUESTIONS = ["What is machine learning?", "Name three primary colors.", "写一首关于月亮的短诗。",
              "How do airplanes fly?", "Give me a list of five fruits.", "What is 17 times 3?",
@@ -192,6 +193,6 @@ def test_the_cpu_kernels_are_built_at_startup_not_in_the_first_request(smollm2_p
               "from chitu.ops.cpu import decode, linear\n"
               "LLM('dtype=float32', 'infer.max_seq_len=64', 'infer.max_reqs=1')\n"
               "print(decode._kernels.cache_info().currsize, linear._plain_kernels.cache_info().currsize)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    done = process_tree.run([sys.executable, "-c", script], timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1"]
