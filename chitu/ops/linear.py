@@ -4,9 +4,11 @@ import torch.nn.functional as F
 
 from chitu.ops import triton as triton_ops
 from chitu.ops.cpu import linear as cpu_kernels
+from chitu.quant.grouped_codes import GroupedCodes
 
 if triton_ops.AVAILABLE:
     from chitu.ops.triton import gemv as kernels
+    from chitu.ops.triton import grouped_codes as codes_kernels
 
 
 def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -41,3 +43,11 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         return None
     out = torch.empty(1, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     return kernels.norm_gemv(x, residual, norm_weight, eps, weight, out=out)
+
+
+def grouped_codes_linear(x: torch.Tensor, weight: GroupedCodes) -> torch.Tensor:
+    """x W^T for quantized rows in quant/grouped_codes.py's layout: the Triton kernels read them as stored on
+    CUDA; elsewhere the dequantized rows are multiplied."""
+    if triton_ops.enabled(x):
+        return codes_kernels.grouped_codes_linear(x, weight)
+    return F.linear(x, weight.dequantize().to(x.dtype))

@@ -20,11 +20,15 @@ from torch import nn
 
 from chitu.checkpoint import CheckpointReader, Shard
 from chitu.layers.loadable import copy_into
+from chitu.ops import linear as linear_ops
+from chitu.ops import triton as triton_ops
 from chitu.ops.cpu import moe as cpu_moe
+from chitu.quant.grouped_codes import GroupedCodes
 from chitu.quant.linear_method import LinearMethod
 
 
 CPU_KERNEL_MAX_ROWS = 16
+CUDA_INT_MM_MIN_ROWS = 16  # torch._int_mm on CUDA needs more rows than this
 
 
 def quantize_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,12 +44,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (q * scale)^T in x's dtype."""
+    """x (q * scale)^T in x's dtype. On CUDA the Triton kernels read the int8 rows (ops/triton/grouped_codes.py)."""
     if _cpu_kernel_takes(x, q):
         x = x.contiguous()
         if x.data_ptr() % 64:
             x = x.clone()  # a fresh allocation is aligned
         return torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))
+    if triton_ops.enabled(x) and q.shape[1] % 32 == 0:
+        return linear_ops.grouped_codes_linear(x, GroupedCodes.from_int8(q, scale))
     return F.linear(x, dequantize(q, scale).to(x.dtype))
 
 
@@ -53,7 +59,10 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x (q * scale)^T in x's dtype, x quantized per row (its absmax / 127) as it comes; the int32 sums
     are exact, so the result is the product of the two dequantized operands up to float32 rounding."""
     x_q, x_scale = quantize_per_channel(x.reshape(-1, x.shape[-1]), torch.float32)
-    product = torch._int_mm(x_q, q.t()).float() * x_scale[:, None] * scale.float()
+    rows = x_q.shape[0]
+    if x_q.is_cuda and rows <= CUDA_INT_MM_MIN_ROWS:  # cuBLAS's int8 GEMM takes more rows: pad with zeros
+        x_q = F.pad(x_q, (0, 0, 0, CUDA_INT_MM_MIN_ROWS + 1 - rows))
+    product = torch._int_mm(x_q, q.t())[:rows].float() * x_scale[:, None] * scale.float()
     return product.to(x.dtype).view(*x.shape[:-1], q.shape[0])
 
 
