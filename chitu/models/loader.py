@@ -64,7 +64,7 @@ def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.d
 
 
 def _check_quantized_device(quant: str | None, device: torch.device) -> None:
-    if quant and device.type != "cpu":
+    if quant == "gguf" and device.type != "cpu":
         raise UnsupportedQuantizationError(f"quant={quant} runs on the CPU only for now "
                                            f"(device={device.type}: its GPU kernels are not built yet)")
 

@@ -12,10 +12,10 @@ if triton_ops.AVAILABLE:
 __all__ = ["capturable", "fused_experts", "select_experts"]
 
 
-def capturable(expert_weights: torch.Tensor) -> bool:
-    """Whether the experts' computation can be captured in a CUDA graph: the Triton path never waits for
-    the host, the torch reference reads its expert counts there."""
-    return triton_ops.enabled(expert_weights)
+def capturable(stacked) -> bool:
+    """Whether the experts' computation can be captured in a CUDA graph: the Triton path (dense stacked weights on
+    CUDA) never waits for the host, the torch reference reads its expert counts there."""
+    return isinstance(stacked, torch.Tensor) and triton_ops.enabled(stacked)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
@@ -29,10 +29,11 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
                               scaling_factor, group_by_max)
 
 
-def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+def fused_experts(x: torch.Tensor, gate_up, down, weights: torch.Tensor,
                   ids: torch.Tensor, first_expert: int) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over this rank's experts (see torch_ref.moe)."""
-    if triton_ops.enabled(x):
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over this rank's experts (see torch_ref.moe). Quantized
+    experts on CUDA run on the reference, each expert's rows through its own kernels."""
+    if capturable(gate_up) and capturable(down):
         return kernels.fused_experts(x, gate_up, down, weights, ids, first_expert)
     if cpu_kernels.takes(x, gate_up, down):
         return cpu_kernels.fused_experts(x, gate_up, down, weights, ids, first_expert)

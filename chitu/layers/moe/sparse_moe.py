@@ -32,7 +32,7 @@ class SparseMoE(nn.Module):
     @property
     def capturable(self) -> bool:
         """Whether a CUDA graph can capture this block (runner/cuda_graph.py): not on the torch reference."""
-        return moe_ops.capturable(self.experts.gate_up.weight)
+        return moe_ops.capturable(self.experts.gate_up.method.stacked(self.experts.gate_up))
 
     takes_pending_norm = True  # the router folds the norm before it (layers/norm.py)
 
