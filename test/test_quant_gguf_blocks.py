@@ -15,18 +15,23 @@ from test_quant_int8 import tiny_checkpoint
 from test_smollm2 import QUESTIONS, SYSTEM, hf_greedy, hf_reference  # noqa: F401 (a fixture)
 
 
-def smollm2(path: str, gguf_blocks: bool):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def smollm2(path: str, gguf_blocks: bool, device: str = "cpu"):
     with open_checkpoint(path) as reader:
-        return load_model(reader, "hf-llama", 256, torch.device("cpu"), torch.float32, gguf_blocks=gguf_blocks)
+        return load_model(reader, "hf-llama", 256, torch.device(device), torch.float32, gguf_blocks=gguf_blocks)
 
 
-def test_blocks_give_the_dequantized_models_logits(smollm2_path):
-    blocks, dense = smollm2(smollm2_path, True), smollm2(smollm2_path, False)
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_give_the_dequantized_models_logits(smollm2_path, device):
+    """On the CPU the C++ kernels read the blocks; on CUDA the Triton kernels their repacked fields."""
+    blocks, dense = smollm2(smollm2_path, True, device), smollm2(smollm2_path, False)
     kept = {s.qtype for m in blocks.modules() if isinstance(getattr(m, "method", None), GGUFBlocksMethod)
             for s in m.gguf_segments}
     assert kept == {"Q4_1", "Q8_0"}  # every projection keeps its blocks, and the LM head
     assert blocks.lm_head.gguf_segments[0].qtype == "Q8_0"
-    runs = [PagedRun(model, 2, 48) for model in (blocks, dense)]
+    runs = [PagedRun(blocks, 2, 48, device), PagedRun(dense, 2, 48)]
     new_tokens = {0: [1, 9690, 28, 253, 5356, 30], 1: list(range(300, 337))}  # prefill two, then decode both
     for step in range(4):
         got, want = (run.step(new_tokens) for run in runs)
@@ -73,9 +78,9 @@ def test_greedy_tokens_match_transformers(hf_reference):  # noqa: F811
             assert (top2[0] - top2[1]).item() < 0.15, (question, agree)
 
 
-def test_gguf_blocks_need_a_gguf_file_on_the_cpu(tmp_path, smollm2_path):
+def test_gguf_blocks_need_a_gguf_file_and_a_device_with_kernels(tmp_path, smollm2_path):
     path, model_type = tiny_checkpoint(tmp_path, "llama")
     with open_checkpoint(path) as reader, pytest.raises(UnsupportedQuantizationError, match="is not one"):
         load_model(reader, model_type, 64, torch.device("cpu"), torch.float32, gguf_blocks=True)
-    with open_checkpoint(smollm2_path) as reader, pytest.raises(UnsupportedQuantizationError, match="CPU only"):
+    with open_checkpoint(smollm2_path) as reader, pytest.raises(UnsupportedQuantizationError, match="not for device=meta"):
         load_model(reader, "hf-llama", 64, torch.device("meta"), torch.float32, gguf_blocks=True)

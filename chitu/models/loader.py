@@ -64,9 +64,9 @@ def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.d
 
 
 def _check_quantized_device(quant: str | None, device: torch.device) -> None:
-    if quant == "gguf" and device.type != "cpu":
-        raise UnsupportedQuantizationError(f"quant={quant} runs on the CPU only for now "
-                                           f"(device={device.type}: its GPU kernels are not built yet)")
+    if quant and device.type not in ("cpu", "cuda"):
+        raise UnsupportedQuantizationError(f"quant={quant} has kernels for CPUs and CUDA GPUs, not for "
+                                           f"device={device.type}")
 
 
 def _after_loading(model: nn.Module) -> None:

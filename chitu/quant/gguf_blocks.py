@@ -2,8 +2,8 @@
 
 A layer keeps one segment per run of checkpoint parts of one type (Q, K and V; gate and up): a file may
 store the parts in different types (Q4_K_M files mix them). A part of a type the CPU kernels take (Q4_0, Q4_1,
-Q8_0, Q4_K, Q6_K) keeps its blocks, sliced for its shard without decoding (whole rows, or whole blocks of columns);
-any other part (F32, F16, Q5_K for now) is dequantized at load into a dense float32 segment. The
+Q8_0, Q4_K, Q5_K, Q6_K) keeps its blocks, sliced for its shard without decoding (whole rows, or whole blocks of
+columns); any other part (F32, F16, ...) is dequantized at load into a dense float32 segment. The
 blocks are exactly the file's, so a layer computes what the dequantized reference computes, up to
 float32 summation order.
 """
@@ -18,20 +18,33 @@ from torch import nn
 
 from chitu.checkpoint import CheckpointReader, Shard
 from chitu.checkpoint.reader import RawTensor
+from chitu.ops import linear as linear_ops
 from chitu.ops.cpu import gguf as gguf_ops
+from chitu.quant.grouped_codes import GroupedCodes
 from chitu.quant.linear_method import LinearMethod
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Output rows of a layer: GGUF blocks [rows, bytes] of `qtype`, or a dense float32 [rows, in] (qtype None)."""
-    data: torch.Tensor
+    """Output rows of a layer: GGUF blocks [rows, bytes] of `qtype` (on CUDA repacked as GroupedCodes), or a dense
+    float32 [rows, in] (qtype None)."""
+    data: torch.Tensor | GroupedCodes
     qtype: str | None
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if self.qtype is None:
             return F.linear(x.float(), self.data).to(x.dtype)
+        if isinstance(self.data, GroupedCodes):
+            return linear_ops.grouped_codes_linear(x, self.data)
         return gguf_ops.gguf_linear(x, self.data, self.qtype)
+
+    def to(self, device: torch.device) -> Segment:
+        """On CUDA the blocks repacked for the Triton kernels (quant/grouped_codes.py)."""
+        if device.type == "cpu":
+            return self
+        if self.qtype is None:
+            return Segment(self.data.to(device), None)
+        return Segment(GroupedCodes.from_gguf(self.data, self.qtype).to(device), self.qtype)
 
 
 class GGUFBlocksMethod(LinearMethod):
@@ -39,12 +52,13 @@ class GGUFBlocksMethod(LinearMethod):
                        num_experts: int | None = None) -> None:
         if num_experts is not None:
             raise NotImplementedError("GGUF experts stay dequantized (QuantConfig.experts)")
-        layer.in_features, layer.gguf_segments = in_features, []
+        layer.in_features, layer.out_features, layer.gguf_segments = in_features, out_features, []
+        layer.gguf_device = torch.get_default_device()  # the model's: it is built under `with torch.device(...)`
 
     def load(self, layer: nn.Module, reader: CheckpointReader, parts: list[tuple[str, Shard | None]],
              expert: int | None = None) -> None:
         segments = [self._segment(reader, f"{prefix}.weight", shard, layer.in_features) for prefix, shard in parts]
-        layer.gguf_segments = _merged(segments)
+        layer.gguf_segments = [segment.to(layer.gguf_device) for segment in _merged(segments)]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         outs = [segment.linear(x) for segment in layer.gguf_segments]
