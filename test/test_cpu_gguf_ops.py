@@ -1,6 +1,6 @@
 """The CPU kernels over GGUF blocks (ops/cpu/gguf.py) against `gguf`'s own dequantization and a float64
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
-not of 256 (Q4_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the
+not of 256 (Q4_K, Q5_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the
 dequantized GEMM). Asked to quantize x (bf16 activations), the kernel multiplies x as llama.cpp does, quantized
 to Q8_0: its product is with `gguf`'s Q8_0 round trip of x."""
 import subprocess
@@ -19,8 +19,8 @@ QType = gguf.GGMLQuantizationType
 
 
 K_SHAPES = [(77, 512), (5, 256), (130, 768)]  # whole super-blocks of 256
-SHAPES = {"Q4_K": K_SHAPES, "Q6_K": K_SHAPES}
-QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+SHAPES = {"Q4_K": K_SHAPES, "Q5_K": K_SHAPES, "Q6_K": K_SHAPES}
+QTYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def random_case(qtype: str, shape: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +78,7 @@ def test_rows_the_kernel_cannot_take_are_refused_by_name():
     blocks = torch.from_numpy(random_rows(QType.Q8_0, (4, 2), np.random.default_rng(2)))
     with pytest.raises(RuntimeError, match="do not hold 96 values"):
         gguf_ops.gguf_linear(torch.randn(1, 96), blocks, "Q8_0")
-    assert not gguf_ops.takes("Q5_K", 256) and not gguf_ops.takes("Q4_1", 48) and not gguf_ops.takes("Q6_K", 288)
+    assert not gguf_ops.takes("Q2_K", 256) and not gguf_ops.takes("Q4_1", 48) and not gguf_ops.takes("Q6_K", 288)
 
 
 def test_a_machine_that_cannot_build_the_kernels_is_told_what_is_missing(tmp_path):

@@ -6,8 +6,8 @@ import torch
 from chitu.ops.cpu import linear as cpu_linear
 from chitu.ops.cpu.build import KernelBuildError
 
-FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}  # the types the kernels take, ggml's numbers
-VALUES_PER_BLOCK = {"Q4_K": 256, "Q6_K": 256}  # the others: 32
+FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}  # the types the kernels take, ggml's numbers
+VALUES_PER_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # the others: 32
 # Up to this many rows the kernel (eight rows per decoded block) beats dequantizing; more (a prefill) multiply the
 # dequantized matrix in one float32 GEMM.
 KERNEL_MAX_ROWS = 24

@@ -1,6 +1,6 @@
 // Weight rows as the CPU kernels read them, and the product of a few rows of x with them:
 // y[m, n] = sum_k x[m, k] w[n, k], each row of w a run of blocks of one format — GGUF's Q4_0, Q4_1, Q8_0 (blocks
-// of 32 values), Q4_K and Q6_K (256: eight sub-blocks of 32 under their own scales), or plain values: float32,
+// of 32 values), Q4_K, Q5_K and Q6_K (256: eight sub-blocks of 32 under their own scales), or plain values: float32,
 // bfloat16, int8 (its per-row scale applied by the caller). Each sub-block is decoded to floats and meets x
 // in float32; or, for GGUF blocks under activations no finer than bf16, its integer codes meet x quantized per
 // 32 values as ggml's Q8_0 (Activations) in integer dots, llama.cpp's way. Every format is read 32 values at a
@@ -24,7 +24,7 @@ constexpr int64_t QK = 32;
 constexpr int64_t ROWS_AT_ONCE = 8;
 
 // ggml's type numbers.
-enum Format : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, I8 = 24, BF16 = 30 };
+enum Format : int64_t { F32 = 0, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, I8 = 24, BF16 = 30 };
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
@@ -56,15 +56,23 @@ constexpr int64_t block_bytes(int64_t format) {
     case Q4_1: return 20;
     case Q8_0: return 34;
     case Q4_K: return 144;
+    case Q5_K: return 176;
     default: return 210;  // Q6_K
   }
 }
 
 // Q4_K's super-block of 256 holds eight sub-blocks of 32, with 6-bit scales and minimums under its d and dmin;
-// Q6_K's eight, each two halves of 16 under their own int8 scale (folded into the codes here) and its d.
-constexpr int64_t sub_blocks(int64_t format) { return format == Q4_K || format == Q6_K ? 8 : 1; }
+// Q5_K's the same, with a fifth bit per code; Q6_K's eight, each two halves of 16 under their own int8 scale
+// (folded into the codes here) and its d.
+constexpr int64_t sub_blocks(int64_t format) { return format == Q4_K || format == Q5_K || format == Q6_K ? 8 : 1; }
 
-constexpr bool has_minimum(int64_t format) { return format == Q4_1 || format == Q4_K; }
+constexpr bool has_minimum(int64_t format) { return format == Q4_1 || format == Q4_K || format == Q5_K; }
+
+// Q4_K's and Q5_K's d, dmin and 12 bytes of scales, then (Q5_K) qh, the fifth bits: that of value j of sub-block s is
+// bit s of qh[j]; then the low nibbles: sub-blocks 2i and 2i + 1 the low and high ones of their bytes 32i..32i+31.
+constexpr bool k_nibbles(int64_t format) { return format == Q4_K || format == Q5_K; }
+constexpr int64_t Q5K_HIGH_BITS = 16;
+constexpr int64_t nibbles_offset(int64_t format) { return format == Q5_K ? 48 : 16; }
 
 // Bytes of a row of k values (of plain values any number; of blocks whole ones).
 constexpr int64_t row_bytes(int64_t format, int64_t k) {
@@ -169,7 +177,7 @@ inline const uint8_t* block_of(const uint8_t* row, int64_t sb) {
 template <int64_t F>
 inline void scale_and_min(const uint8_t* block, int64_t s, float* scale, float* min) {
   const float d = half_at(block + (F == Q6_K ? 208 : 0));
-  if constexpr (F == Q4_K) {
+  if constexpr (k_nibbles(F)) {
     float sc, m;
     k_scale_min(block + 4, s, &sc, &m);
     *scale = d * sc;
@@ -192,9 +200,12 @@ inline void codes(const uint8_t* block, int64_t s, int32_t* out) {
   } else if constexpr (F == Q6_K) {
     const Q6KPlace place = q6k_place(block, s);
     for (int j = 0; j < 32; ++j) out[j] = place.scales[j / 16] * q6k_code(place, j);
-  } else if constexpr (F == Q4_K) {  // sub-blocks 2i and 2i + 1: the low and high nibbles of bytes 32i..32i+31
-    const uint8_t* q = block + 16 + 32 * (s / 2);
-    for (int j = 0; j < 32; ++j) out[j] = s % 2 ? q[j] >> 4 : q[j] & 15;
+  } else if constexpr (k_nibbles(F)) {
+    const uint8_t* q = block + nibbles_offset(F) + 32 * (s / 2);
+    for (int j = 0; j < 32; ++j) {
+      out[j] = s % 2 ? q[j] >> 4 : q[j] & 15;
+      if constexpr (F == Q5_K) out[j] |= ((block[Q5K_HIGH_BITS + j] >> s) & 1) << 4;
+    }
   } else {  // values 0..15 the low nibbles of the 16 bytes, 16..31 the high ones; Q4_0's codes are q - 8
     const uint8_t* q = block + (F == Q4_1 ? 4 : 2);
     const int offset = F == Q4_0 ? 8 : 0;
@@ -276,6 +287,16 @@ inline Vec from_bf16(const uint8_t* p) {
 constexpr int VECS = QK / LANES;
 constexpr int64_t PREFETCH_BYTES = 2048;  // ahead of the block being read: measured best of 512..4096
 
+inline __m128i nibbles(__m128i bytes, int shift) { return _mm_and_si128(_mm_srli_epi16(bytes, shift), _mm_set1_epi8(15)); }
+
+// Bit s of each byte as its bit 4 (Q5_K's fifth bits).
+inline __m128i fifth_bits(__m128i bytes, int s) {
+  return _mm_and_si128(_mm_slli_epi16(_mm_srli_epi16(bytes, s), 4), _mm_set1_epi8(16));
+}
+inline __m256i fifth_bits(__m256i bytes, int s) {
+  return _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(bytes, s), 4), _mm256_set1_epi8(16));
+}
+
 // 16 byte codes (signed or not) as floats into the VECS / 2 vectors at q.
 template <bool SIGNED>
 inline void widen(__m128i bytes, Vec* q) {
@@ -309,12 +330,15 @@ inline void values(const uint8_t* block, int64_t s, Vec* q) {
       widen<true>(code, out);
       for (int i = 0; i < VECS / 2; ++i) out[i] = mul(out[i], broadcast(place.scales[half]));
     }
-  } else if constexpr (F == Q4_K) {
-    const uint8_t* bytes = block + 16 + 32 * (s / 2);
-    const __m128i nibble = _mm_set1_epi8(15);
+  } else if constexpr (k_nibbles(F)) {
+    const uint8_t* bytes = block + nibbles_offset(F) + 32 * (s / 2);
     for (int half = 0; half < 2; ++half) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half));
-      widen<false>(_mm_and_si128(s % 2 ? _mm_srli_epi16(packed, 4) : packed, nibble), q + half * VECS / 2);
+      __m128i code = nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * half)), 4 * (s % 2));
+      if constexpr (F == Q5_K) {
+        const __m128i high = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + Q5K_HIGH_BITS + 16 * half));
+        code = _mm_or_si128(code, fifth_bits(high, s));
+      }
+      widen<false>(code, q + half * VECS / 2);
     }
   } else {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == Q4_1 ? 4 : 2)));
@@ -381,16 +405,17 @@ inline void rows_times_float_row(const float* x, const float* x_block_sums, int6
 
 constexpr bool signed_codes(int64_t format) { return format == Q4_0 || format == Q8_0 || format == Q6_K; }
 
-inline __m128i nibbles(__m128i bytes, int shift) { return _mm_and_si128(_mm_srli_epi16(bytes, shift), _mm_set1_epi8(15)); }
-
 // Sub-block s's 32 integer codes of a GGUF block as bytes in value order (Q6_K: without its halves' scales).
 template <int64_t F>
 inline __m256i code_bytes(const uint8_t* block, int64_t s) {
   if constexpr (F == Q8_0) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
-  } else if constexpr (F == Q4_K) {  // sub-blocks 2i and 2i + 1: the low and high nibbles of bytes 32i..32i+31
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 16 + 32 * (s / 2)));
-    return _mm256_and_si256(s % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(15));
+  } else if constexpr (k_nibbles(F)) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + nibbles_offset(F) + 32 * (s / 2)));
+    __m256i code = _mm256_and_si256(s % 2 ? _mm256_srli_epi16(bytes, 4) : bytes, _mm256_set1_epi8(15));
+    if constexpr (F == Q5_K)
+      code = _mm256_or_si256(code, fifth_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + Q5K_HIGH_BITS)), s));
+    return code;
   } else if constexpr (F == Q6_K) {
     const Q6KPlace place = q6k_place(block, s);
     __m128i half[2];
@@ -569,6 +594,7 @@ void dispatch(int64_t format, Fn&& fn) {
     case Q4_1: return fn(std::integral_constant<int64_t, Q4_1>{});
     case Q8_0: return fn(std::integral_constant<int64_t, Q8_0>{});
     case Q4_K: return fn(std::integral_constant<int64_t, Q4_K>{});
+    case Q5_K: return fn(std::integral_constant<int64_t, Q5_K>{});
     case Q6_K: return fn(std::integral_constant<int64_t, Q6_K>{});
   }
   TORCH_CHECK(false, "no CPU kernel for weight format ", format);
