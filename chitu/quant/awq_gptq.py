@@ -4,7 +4,8 @@ Both store w = (q - zero) * scale with 4-bit q and zero, one scale and zero per 
 output column, and pack eight 4-bit values into each int32 (value j in bits 4j..4j+3):
 
 - AWQ (AutoAWQ's WQLinear_GEMM): `qweight` [in, out/8] and `qzeros` [in/group, out/8] packed along the
-  outputs in AWQ's interleaved order (value j of a word holds column 8c + AWQ_ORDER[j]); `scales` [in/group, out].
+  outputs in AWQ's interleaved order (value j of word c holds column 8c + (0, 2, 4, 6, 1, 3, 5, 7)[j]);
+  `scales` [in/group, out].
 - GPTQ (AutoGPTQ, GPTQModel): `qweight` [in/8, out] packed along the inputs in order; `qzeros` [groups, out/8]
   packed along the outputs in order; `scales` [groups, out]; `g_idx` [in], the group of each input row (with
   act-order, `desc_act`, a permutation of the groups). The classic format ("gptq", v1) stores zero - 1
@@ -21,8 +22,8 @@ import torch
 from chitu.checkpoint import CheckpointReader, Shard
 
 PACK = 8  # 4-bit values per int32
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column of each value of a packed word, within its 8
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # the value of a word holding each of its 8 columns
+# AWQ packs the columns 8c + (0, 2, 4, 6, 1, 3, 5, 7)[j] as value j of word c: this is the value holding each column
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 SYMMETRIC_ZERO = 8
 assert sys.byteorder == "little", "unpack_int4 reads the words' bytes in little-endian order"
 
