@@ -7,9 +7,11 @@ import torch
 
 from chitu import LLM, SamplingParams
 from chitu.checkpoint import open_checkpoint
-from chitu.models.loader import load_model
+from chitu.config import compose_config
+from chitu.models.loader import load_configured_model, load_model
 from chitu.quant.config import UnsupportedQuantizationError
 from chitu.quant.gguf_blocks import GGUFBlocksMethod
+from chitu.quant.linear_method import UnquantizedLinearMethod
 from test_models import PagedRun, relative_error
 from test_quant_int8 import tiny_checkpoint
 from test_smollm2 import QUESTIONS, SYSTEM, hf_greedy, hf_reference  # noqa: F401 (a fixture)
@@ -84,3 +86,12 @@ def test_gguf_blocks_need_a_gguf_file_and_a_device_with_kernels(tmp_path, smollm
         load_model(reader, model_type, 64, torch.device("cpu"), torch.float32, gguf_blocks=True)
     with open_checkpoint(smollm2_path) as reader, pytest.raises(UnsupportedQuantizationError, match="not for device=meta"):
         load_model(reader, "hf-llama", 64, torch.device("meta"), torch.float32, gguf_blocks=True)
+
+
+@pytest.mark.parametrize("quant,kept", [(None, True), ("none", False), ("gguf", True)])
+def test_on_the_cpu_a_gguf_file_keeps_its_blocks_unless_quant_is_none(smollm2_path, quant, kept):
+    overrides = [f"models.ckpt_dir={smollm2_path}", "device=cpu", "dtype=float32", "infer.max_seq_len=64"]
+    model = load_configured_model(compose_config(overrides + ([f"quant={quant}"] if quant else [])),
+                                  torch.device("cpu"))
+    methods = {type(m.method) for m in model.modules() if getattr(m, "method", None) is not None}
+    assert methods == ({GGUFBlocksMethod} if kept else {UnquantizedLinearMethod})

@@ -149,7 +149,7 @@ CHOICES: dict[str, tuple] = {
     "float_16bit_variant": ("bfloat16", "float16"),
     "dtype": (None, "bfloat16", "float16", "float32"),
     "device": ("auto", "cuda", "cpu"),
-    "quant": (None, "gguf", "w8a16", "simple_w8a8"),
+    "quant": (None, "none", "gguf", "w8a16", "simple_w8a8"),
 }
 
 POSITIVE = ("infer.tp_size", "infer.pp_size", "infer.max_reqs", "infer.max_seq_len", "infer.block_size",

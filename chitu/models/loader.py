@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_configured_model(config: ChituConfig, device: torch.device) -> nn.Module:
+def load_configured_model(config: ChituConfig, device: torch.device, gguf_blocks_by_default: bool = True) -> nn.Module:
     """This rank's model as `config` asks: read from the checkpoint (quantized as it loads with
     quant_on_load=True), or from a preprocessed checkpoint — models.ckpt_dir with skip_preprocess=True,
-    or quant_ckpt_dir."""
+    or quant_ckpt_dir. On the CPU a GGUF file keeps its blocks unless quant=none (or not gguf_blocks_by_default)."""
     dtype = resolve_dtype(config)
     if config.quant_ckpt_dir:
         return load_preprocessed_model(config.quant_ckpt_dir, config, device, dtype)
@@ -40,16 +40,19 @@ def load_configured_model(config: ChituConfig, device: torch.device) -> nn.Modul
         raise CheckpointError(f"{checkpoint} is a preprocessed checkpoint (it holds {LAYOUT_FILE}): "
                               f"read it with skip_preprocess=True")
     with open_checkpoint(checkpoint) as reader:
+        # by default on the CPU only, until the CUDA kernels have been measured against dequantized bf16
+        keeps_blocks = config.quant == "gguf" or (gguf_blocks_by_default and config.quant is None
+                                                  and device.type == "cpu" and isinstance(reader, GGUFCheckpointReader))
         return load_model(reader, config.models.type, config.infer.max_seq_len, device, dtype, config.infer.mla_absorb,
                           config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None,
-                          gguf_blocks=config.quant == "gguf")
+                          gguf_blocks=keeps_blocks)
 
 
 def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Build the model the files were made from, bring it to its loaded form (the after-loading steps
     over zeroed weights: folding and quantizing change which tensors a layer holds), then read them."""
     layout = Layout.read(directory)
-    layout.check_run(Layout.of(config, dtype, config.quant), directory)
+    layout.check_run(Layout.of(config, dtype, None if config.quant == "none" else config.quant), directory)
     _check_quantized_device(layout.quant, device)
     with torch.device(device):
         model = build_model(AutoConfig.from_pretrained(directory), layout.model_type, config.infer.max_seq_len, dtype,

@@ -30,7 +30,7 @@ def preprocess_and_save(config: ChituConfig, target: str) -> None:
     device = resolve_device(config)
     state = init_parallel(config, device)
     try:
-        model = load_configured_model(config, device)
+        model = load_configured_model(config, device, gguf_blocks_by_default=False)  # saving blocks is not built
         os.makedirs(target, exist_ok=True)
         save_rank(model, target, state.rank)
         if state.rank == 0:
