@@ -51,13 +51,16 @@ def stored_bytes(codes: GroupedCodes) -> int:
     return sum(t.numel() * t.element_size() for t in vars(codes).values() if isinstance(t, torch.Tensor))
 
 
-def kernel_rows(ceiling: float) -> None:
-    print(f"\n{'kernel':26}{'rows':>6}" + "".join(f"{f:>16}" for f in ["bf16"] + GGUF_FORMATS + ["int8"]))
+def kernel_rows(formats: list[str], ceiling: float) -> None:
+    gguf_formats = [f for f in formats if f in GGUF_FORMATS]
+    columns = ["bf16"] + gguf_formats + (["int8"] if "w8a16" in formats else [])
+    print(f"\n{'kernel':26}{'rows':>6}" + "".join(f"{f:>16}" for f in columns))
     for name, (n, k) in LAYER_SHAPES.items():
         weights = {"bf16": torch.randn(n, k, device="cuda", dtype=torch.bfloat16)}
-        weights |= {f: random_codes(f, n, k) for f in GGUF_FORMATS}
-        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
-        weights["int8"] = GroupedCodes.from_int8(q, torch.rand(n, device="cuda", dtype=torch.bfloat16) / 100)
+        weights |= {f: random_codes(f, n, k) for f in gguf_formats}
+        if "w8a16" in formats:
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+            weights["int8"] = GroupedCodes.from_int8(q, torch.rand(n, device="cuda", dtype=torch.bfloat16) / 100)
         for m in (1, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cells = []
@@ -130,14 +133,15 @@ def engine_rows(formats: list[str], batches: list[int], ceiling: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--formats", nargs="*", default=["Q4_K", "Q8_0", "w8a16"])
+    parser.add_argument("--formats", nargs="*", default=["Q4_K", "Q8_0", "w8a16"],
+                        help=f"of {GGUF_FORMATS + ['w8a16']}")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 64])
     parser.add_argument("--skip-kernels", action="store_true")
     args = parser.parse_args()
     ceiling = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {ceiling / 1e12:.2f} TB/s", flush=True)
     if not args.skip_kernels:
-        kernel_rows(ceiling)
+        kernel_rows(args.formats, ceiling)
     engine_rows(args.formats, args.batches, ceiling)
 
 
