@@ -5,7 +5,8 @@ convert_hf_to_gguf.py writes it (`Qwen3MoeModel`, `LlamaModel` for Mixtral, `Glm
 metadata keys, experts stacked into blk.N.ffn_{gate,up,down}_exps [n_expert, rows, cols], Mixtral's
 Q/K rows permuted, GLM-4.5's NextN layer after the decoder's (counted in block_count). Chitu reads
 the config from the metadata and the tensors (dequantized) and must match transformers' logits
-over prefill and decode; a Q8_0 variant is compared with the HF model holding the dequantized weights.
+over prefill and decode; a Q8_0 variant is compared with the HF model holding the dequantized weights, and
+with quant=gguf (its experts kept in their blocks) with Chitu's model of the same file dequantized at load.
 """
 import json
 import re
@@ -23,7 +24,10 @@ from safetensors.torch import load_file, save_file
 from chitu.checkpoint import CheckpointError, open_checkpoint
 from chitu.checkpoint import gguf_names
 from chitu.models.loader import load_model
-from test_models import FAMILIES, TINY, randomize, run_prefill_and_decode
+from chitu.ops.cpu import moe as cpu_moe
+from chitu.ops.torch_ref import moe as moe_ref
+from chitu.quant.gguf_blocks import GGUFExpertStack
+from test_models import FAMILIES, TINY, PagedRun, randomize, relative_error, run_prefill_and_decode
 
 QType = gguf.GGMLQuantizationType
 GGUF_ARCH = {"hf-qwen-3-moe": gguf.MODEL_ARCH.QWEN3MOE, "hf-mixtral": gguf.MODEL_ARCH.LLAMA,
@@ -293,12 +297,51 @@ def test_glm4_moe_post_attention_norm_is_the_ffn_norm():
 @pytest.mark.parametrize("gguf_blocks", [False, True], ids=["dequantized", "quant=gguf"])
 def test_logits_match_transformers(converted, gguf_blocks):
     """Dequantized at load, and with quant=gguf (its F32 projections as float32 segments, Mixtral's Q/K rows
-    unpermuted as stored bytes; experts dequantized)."""
-    with open_checkpoint(converted.path) as reader:
-        model = load_model(reader, converted.model_type, 256, torch.device("cpu"), torch.float32, gguf_blocks=gguf_blocks)
+    unpermuted as stored bytes; Q8_0 experts in their blocks)."""
+    model = load(converted, gguf_blocks)
     assert len(model.model.layers) == converted.hf_config.num_hidden_layers
     for step, (error,) in enumerate(run_prefill_and_decode(model, [converted.hf_model])):
         assert error <= 1e-4, f"step {step} (0 = prefill)"
+
+
+def load(converted: GGUFModel, gguf_blocks: bool) -> torch.nn.Module:
+    with open_checkpoint(converted.path) as reader:
+        return load_model(reader, converted.model_type, 256, torch.device("cpu"), torch.float32, gguf_blocks=gguf_blocks)
+
+
+def expert_stacks(model: torch.nn.Module) -> list[GGUFExpertStack | torch.Tensor]:
+    return [weight.method.stacked(weight) for name, weight in model.named_modules()
+            if name.endswith(("experts.gate_up", "experts.down"))]
+
+
+def test_gguf_experts_keep_their_blocks_and_give_the_dequantized_models_logits(converted, monkeypatch):
+    """quant=gguf against Chitu's model of the file dequantized at load, both float32: Q8_0 experts kept in their
+    blocks (F32 ones dense float32), on the torch reference for the prefill (33 tokens) and in the CPU MoE kernel for
+    the decode steps (three sequences): the same logits up to float32 summation order."""
+    blocks, dense = load(converted, True), load(converted, False)
+    kept = [stack.qtype for stack in expert_stacks(blocks) if isinstance(stack, GGUFExpertStack)]
+    if converted.quantized:
+        assert kept and set(kept) == {"Q8_0"}
+    assert all(stack.dtype == torch.float32 for stack in expert_stacks(blocks) if isinstance(stack, torch.Tensor))
+    paths = set()
+
+    def spy(path, fused_experts):
+        def run(x, gate_up, *args):
+            if isinstance(gate_up, GGUFExpertStack):
+                paths.add(path)
+            return fused_experts(x, gate_up, *args)
+        return run
+
+    monkeypatch.setattr(cpu_moe, "fused_experts", spy("kernel", cpu_moe.fused_experts))
+    monkeypatch.setattr(moe_ref, "fused_experts", spy("reference", moe_ref.fused_experts))
+    runs = [PagedRun(model, 3, 48) for model in (blocks, dense)]
+    gen = torch.Generator().manual_seed(2)
+    new_tokens = {s: torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for s, n in enumerate((5, 17, 11))}
+    for step in range(5):
+        got, want = (run.step(new_tokens) for run in runs)
+        assert relative_error(got, want) < 1e-5, f"step {step} (0 = prefill)"
+        new_tokens = {s: [int(want[i].argmax())] for i, s in enumerate(new_tokens)}
+    assert paths == ({"kernel", "reference"} if kept else set())
 
 
 # ---------------------------------------------------------------- metadata-only files: RoPE scaling, what Chitu refuses

@@ -42,8 +42,8 @@ class QuantConfig:
 
     @classmethod
     def gguf_blocks(cls) -> QuantConfig:
-        """quant=gguf: dense layers and the LM head multiply the file's blocks; experts stay dequantized for now."""
-        return cls(GGUF_BLOCKS, experts=UNQUANTIZED, lm_head=GGUF_BLOCKS)
+        """quant=gguf: dense layers, experts and the LM head multiply the file's blocks."""
+        return cls(GGUF_BLOCKS, lm_head=GGUF_BLOCKS)
 
     @classmethod
     def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn",

@@ -2,7 +2,7 @@
 // pairs grouped by expert, every active expert's gate/up rows for its tokens, silu(gate) * up, then every
 // down row, each pair's output weighted into its token's sum. Weights stay in their stored format
 // (weight_formats.h: float32, bfloat16, int8 with per-row scales, GGUF blocks); activations and sums are
-// float32. One task per slice of an expert's gate/up rows, then one per slice of the hidden rows (summing
+// float32, or, asked to (bf16 activations), quantized to Q8_0 where they meet GGUF blocks, as in linear_kernels.cpp. One task per slice of an expert's gate/up rows, then one per slice of the hidden rows (summing
 // all experts there, so no two tasks write one output).
 #include "weight_formats.h"
 
@@ -85,12 +85,13 @@ struct Routing {
 
 // x [T, H] float32; gate_up [E, 2I, ...] and down [E, H, ...] (formats and int8 scales as above); weights [T, K]
 // float32 and ids [T, K] int64 of the router; experts first_expert .. first_expert + E - 1 are held here
-// → sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over those, [T, H] float32.
+// → sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over those, [T, H] float32. quantize_x: x and silu(gate) * up
+// meet GGUF blocks as Q8_0 (weight_formats.h Activations).
 torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up,
                             const std::optional<torch::Tensor>& gate_up_scale, int64_t gate_up_format,
                             const torch::Tensor& down, const std::optional<torch::Tensor>& down_scale,
                             int64_t down_format, const torch::Tensor& weights, const torch::Tensor& ids,
-                            int64_t first_expert) {
+                            int64_t first_expert, bool quantize_x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [T, H]");
   TORCH_CHECK(weights.dtype() == torch::kFloat32 && ids.dtype() == torch::kLong && weights.is_contiguous() &&
               ids.is_contiguous() && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
@@ -106,7 +107,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
   std::vector<float> rows(pairs * hidden), h(pairs * 2 * width), act(pairs * width);
   const float* xp = x.data_ptr<float>();
   for (int64_t p = 0; p < pairs; ++p) std::memcpy(&rows[p * hidden], xp + routing.tokens[p] * hidden, hidden * 4);
-  const Activations up_in(rows.data(), pairs, hidden, up.format, false);
+  const Activations up_in(rows.data(), pairs, hidden, up.format, quantize_x);
 
   const int64_t up_slices = (2 * width + GATE_UP_ROWS_PER_TASK - 1) / GATE_UP_ROWS_PER_TASK;
   at::parallel_for(0, experts * up_slices, 1, [&](int64_t begin, int64_t end) {
@@ -122,7 +123,7 @@ torch::Tensor fused_experts(const torch::Tensor& x, const torch::Tensor& gate_up
       const float gate = h[p * 2 * width + i];
       act[p * width + i] = gate / (1.0f + std::exp(-gate)) * h[p * 2 * width + width + i];
     }
-  const Activations down_in(act.data(), pairs, width, dn.format, false);
+  const Activations down_in(act.data(), pairs, width, dn.format, quantize_x);
 
   float* op = out.data_ptr<float>();
   const int64_t down_slices = (hidden + DOWN_ROWS_PER_TASK - 1) / DOWN_ROWS_PER_TASK;
