@@ -30,11 +30,12 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tens
     """x [..., k] times the GGUF rows blocks [n, bytes], transposed → [..., n] in x's dtype (float32 sums). A few
     rows in float32 meet the blocks decoded to floats; in a narrower dtype (bf16: 8 bits of precision already)
     they are quantized to Q8_0 and meet the blocks' codes in integer dots, as llama.cpp's do, which is faster."""
-    rows = x.reshape(-1, x.shape[-1]).float()
+    rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] <= KERNEL_MAX_ROWS:
-        out = kernels().linear(rows, blocks, FORMATS[qtype], x.dtype != torch.float32)
+        out = kernels().linear(rows if x.dtype == torch.bfloat16 else rows.float(), blocks, FORMATS[qtype],
+                               x.dtype != torch.float32)
     else:
-        out = rows @ dequantize(blocks, qtype, x.shape[-1]).T
+        out = rows.float() @ dequantize(blocks, qtype, x.shape[-1]).T
     return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
 
 

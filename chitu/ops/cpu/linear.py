@@ -53,7 +53,8 @@ def takes_plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b) for a float32 or bfloat16 weight, in x's dtype."""
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.dtype == torch.bfloat16 and bias is None else rows.float()  # a bias is added in float32
     out = _plain_kernels().linear(rows, weight.view(torch.uint8), PLAIN_FORMATS[weight.dtype], False)
     if bias is not None:
         out += bias
