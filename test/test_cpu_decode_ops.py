@@ -63,7 +63,7 @@ def test_silu_and_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
-@pytest.mark.parametrize("heads,kv_heads,head_dim,head_dim_v", [(9, 3, 64, 64), (4, 4, 48, 32), (8, 1, 16, 16)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,head_dim_v", [(9, 3, 64, 64), (4, 4, 48, 32), (8, 1, 16, 16), (6, 2, 80, 72)])
 def test_decode_attention_over_pages(dtype, heads, kv_heads, head_dim, head_dim_v):
     """Three sequences of awkward lengths over shuffled pages (one table padded), caches NaN outside the
     contexts: a kernel reading past a context shows."""

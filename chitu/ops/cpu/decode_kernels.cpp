@@ -7,7 +7,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
@@ -62,9 +65,83 @@ std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Ten
   return {out, summed};
 }
 
+// Cache rows the vector paths read: float32 and bfloat16 (half takes the scalar loops).
+template <typename C>
+constexpr bool VECTOR_ROWS = std::is_same_v<C, float> || std::is_same_v<C, c10::BFloat16>;
+
+#ifdef __AVX2__
+inline chitu_cpu::Vec vec_at(const float* p) { return chitu_cpu::load(p); }
+inline chitu_cpu::Vec vec_at(const c10::BFloat16* p) { return chitu_cpu::from_bf16(reinterpret_cast<const uint8_t*>(p)); }
+#endif
+
+// q · k over n values: four independent accumulators, so positions are not one chain of dependent FMAs.
+template <typename C>
+inline float dot_row(const float* q, const C* k, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef __AVX2__
+  if constexpr (VECTOR_ROWS<C>) {
+    using namespace chitu_cpu;
+    Vec a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+    for (; i + 4 * LANES <= n; i += 4 * LANES) {
+      a0 = fmadd(load(q + i), vec_at(k + i), a0);
+      a1 = fmadd(load(q + i + LANES), vec_at(k + i + LANES), a1);
+      a2 = fmadd(load(q + i + 2 * LANES), vec_at(k + i + 2 * LANES), a2);
+      a3 = fmadd(load(q + i + 3 * LANES), vec_at(k + i + 3 * LANES), a3);
+    }
+    for (; i + LANES <= n; i += LANES) a0 = fmadd(load(q + i), vec_at(k + i), a0);
+    sum = horizontal_sum(add(add(a0, a1), add(a2, a3)));
+  }
+#endif
+  for (; i < n; ++i) sum += q[i] * to_float(k[i]);
+  return sum;
+}
+
+// f(position, its row of the KV head) along a paged context, page by page (no division per position).
+template <typename C, typename F>
+inline void for_each_row(const C* cache, const int64_t* table, int64_t context, int64_t block_size,
+                         const int64_t* strides, int64_t kv_head, F f) {
+  for (int64_t start = 0, page = 0; start < context; start += block_size, ++page) {
+    const C* rows = cache + table[page] * strides[0] + kv_head * strides[2];
+    const int64_t n = std::min(block_size, context - start);
+    for (int64_t i = 0; i < n; ++i) f(start + i, rows + i * strides[1]);
+  }
+}
+
+// acc[d] = sum over the context of p[pos] * v_pos[d]: the vector path holds 4 vectors of acc in registers along
+// the whole context (a sum kept in memory would be stored and reloaded at every position).
+template <typename C>
+void weighted_rows(const C* v_cache, const int64_t* table, int64_t context, int64_t block_size, const int64_t* strides,
+                   int64_t kv_head, const float* p, int64_t width, float* acc) {
+  int64_t d0 = 0;
+#ifdef __AVX2__
+  if constexpr (VECTOR_ROWS<C>) {
+    using namespace chitu_cpu;
+    for (; d0 + 4 * LANES <= width; d0 += 4 * LANES) {
+      Vec a0 = zero(), a1 = zero(), a2 = zero(), a3 = zero();
+      for_each_row(v_cache, table, context, block_size, strides, kv_head, [&](int64_t pos, const C* v) {
+        const Vec w = broadcast(p[pos]);
+        a0 = fmadd(w, vec_at(v + d0), a0);
+        a1 = fmadd(w, vec_at(v + d0 + LANES), a1);
+        a2 = fmadd(w, vec_at(v + d0 + 2 * LANES), a2);
+        a3 = fmadd(w, vec_at(v + d0 + 3 * LANES), a3);
+      });
+      store(acc + d0, a0);
+      store(acc + d0 + LANES, a1);
+      store(acc + d0 + 2 * LANES, a2);
+      store(acc + d0 + 3 * LANES, a3);
+    }
+  }
+#endif
+  if (d0 == width) return;
+  for_each_row(v_cache, table, context, block_size, strides, kv_head, [&](int64_t pos, const C* v) {
+    for (int64_t d = d0; d < width; ++d) acc[d] += p[pos] * to_float(v[d]);
+  });
+}
+
 // Decode attention over a paged cache: q [B, heads, D] (one query per sequence), caches [blocks, block_size,
-// kv_heads, D or Dv], block_tables [B, width], context_lens [B] → [B, heads, Dv]. One task per (sequence,
-// KV head) scores its context for the heads sharing that KV head, then sums the values under the softmax.
+// kv_heads, D or Dv], block_tables [B, width], context_lens [B] → [B, heads, Dv]. Each task scores the context
+// of `group` heads sharing one KV head, then sums the values under the softmax.
 template <typename T, typename C>
 void attend_one(const T* q, const C* k_cache, const C* v_cache, const int64_t* table, int64_t context,
                 int64_t kv_head, int64_t group, int64_t head_dim, int64_t head_dim_v, int64_t block_size,
@@ -73,17 +150,9 @@ void attend_one(const T* q, const C* k_cache, const C* v_cache, const int64_t* t
   std::vector<float> queries(group * head_dim), scores(group * context), acc(group * head_dim_v, 0.f);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < head_dim; ++d) queries[g * head_dim + d] = to_float(q[g * q_head_stride + d]) * scale;
-  std::vector<float> key(head_dim);
-  for (int64_t pos = 0; pos < context; ++pos) {
-    const C* k = k_cache + table[pos / block_size] * k_strides[0] + (pos % block_size) * k_strides[1] +
-                 kv_head * k_strides[2];
-    for (int64_t d = 0; d < head_dim; ++d) key[d] = to_float(k[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      float s = 0.f;
-      for (int64_t d = 0; d < head_dim; ++d) s += queries[g * head_dim + d] * key[d];
-      scores[g * context + pos] = s;
-    }
-  }
+  for_each_row(k_cache, table, context, block_size, k_strides, kv_head, [&](int64_t pos, const C* k) {
+    for (int64_t g = 0; g < group; ++g) scores[g * context + pos] = dot_row(queries.data() + g * head_dim, k, head_dim);
+  });
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores.data() + g * context;
     const float top = *std::max_element(row, row + context);
@@ -91,16 +160,9 @@ void attend_one(const T* q, const C* k_cache, const C* v_cache, const int64_t* t
     for (int64_t pos = 0; pos < context; ++pos) total += (row[pos] = std::exp(row[pos] - top));
     for (int64_t pos = 0; pos < context; ++pos) row[pos] /= total;
   }
-  std::vector<float> value(head_dim_v);
-  for (int64_t pos = 0; pos < context; ++pos) {
-    const C* v = v_cache + table[pos / block_size] * v_strides[0] + (pos % block_size) * v_strides[1] +
-                 kv_head * v_strides[2];
-    for (int64_t d = 0; d < head_dim_v; ++d) value[d] = to_float(v[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float p = scores[g * context + pos];
-      for (int64_t d = 0; d < head_dim_v; ++d) acc[g * head_dim_v + d] += p * value[d];
-    }
-  }
+  for (int64_t g = 0; g < group; ++g)
+    weighted_rows(v_cache, table, context, block_size, v_strides, kv_head, scores.data() + g * context, head_dim_v,
+                  acc.data() + g * head_dim_v);
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < head_dim_v; ++d) out[g * out_head_stride + d] = rounded<T>(acc[g * head_dim_v + d]);
 }
@@ -123,13 +185,16 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ca
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "decode_attention_cache", [&] {
       using C = scalar_t;
-      at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      // One task per head where a task per KV head would leave threads idle (batch 1: 3 KV heads on 2 threads
+      // run as 2 + 1); the heads of a KV head then each read it, from the cache.
+      const int64_t per_task = batch * kv_heads >= 4 * at::get_num_threads() ? group : 1;
+      at::parallel_for(0, batch * heads / per_task, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / kv_heads, kv_head = task % kv_heads;
-          attend_one<T, C>(q.data_ptr<T>() + b * q.stride(0) + kv_head * group * q.stride(1), k_cache.data_ptr<C>(),
-                           v_cache.data_ptr<C>(), tables + b * width, lens[b], kv_head, group, head_dim, head_dim_v,
-                           block_size, k_strides, v_strides, q.stride(1), scale,
-                           out.data_ptr<T>() + b * out.stride(0) + kv_head * group * out.stride(1), out.stride(1));
+          const int64_t b = task / (heads / per_task), head = task % (heads / per_task) * per_task;
+          attend_one<T, C>(q.data_ptr<T>() + b * q.stride(0) + head * q.stride(1), k_cache.data_ptr<C>(),
+                           v_cache.data_ptr<C>(), tables + b * width, lens[b], head / group, per_task, head_dim,
+                           head_dim_v, block_size, k_strides, v_strides, q.stride(1), scale,
+                           out.data_ptr<T>() + b * out.stride(0) + head * out.stride(1), out.stride(1));
         }
       });
     });
