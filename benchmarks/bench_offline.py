@@ -60,13 +60,14 @@ class ChituRunner:
     def __init__(self, dtype: str, max_batch: int, ckpt_dir: str | None = None, model_type: str | None = None,
                  quant: str | None = None):
         """`quant`: a method that quantizes the weights as they load (quant=w8a16 quant_on_load=True), or
-        gguf (keep a GGUF file's blocks)."""
+        gguf (keep a GGUF file's blocks); None: the weights dequantized into `dtype` (quant=none)."""
         from chitu.config import compose_config
         from chitu.engine.engine import LLMEngine
         self.name = f"chitu ({dtype}{f', {quant}' if quant else ''})"
         overrides = [f"dtype={dtype}", "device=cpu", f"infer.max_reqs={max_batch}", "infer.max_seq_len=512"]
-        if quant is not None:
-            overrides += [f"quant={quant}"] + ([] if quant == "gguf" else ["quant_on_load=True"])
+        overrides.append(f"quant={quant or 'none'}")
+        if quant not in (None, "gguf"):
+            overrides.append("quant_on_load=True")
         if ckpt_dir is not None:
             overrides.append(f"models.ckpt_dir={ckpt_dir}")
         if model_type is not None:
