@@ -285,7 +285,7 @@ def test_moe_models_leave_cuda_graphs_off_until_their_experts_can_be_captured(fa
     (dict(quant_method="fp8", fmt="e4m3", weight_block_size=[128, 128]),
      "FP8 block-quantized \\(fmt=e4m3, weight_block_size=\\[128, 128\\]\\); running fp8 weights \\(W8A8\\) is not built"),
     (dict(quant_method="fp8", fmt="e4m3"), "quant_method='fp8' \\(fmt=e4m3\\)"),
-    (dict(quant_method="awq", bits=4), "quant_method='awq' \\(bits=4\\)"),
+    (dict(quant_method="awq", bits=3), "AWQ-quantized with bits=3; Chitu runs 4-bit"),
     (dict(quant_method="compressed-tensors"), "quant_method='compressed-tensors'"),
 ])
 def test_quantized_checkpoint_without_a_method_is_refused_by_name(tmp_path, quantization_config, message):
