@@ -47,10 +47,6 @@ def random_codes(qtype: str, n: int, k: int) -> GroupedCodes:
     return GroupedCodes(**{**vars(template), **tensors})
 
 
-def stored_bytes(codes: GroupedCodes) -> int:
-    return sum(t.numel() * t.element_size() for t in vars(codes).values() if isinstance(t, torch.Tensor))
-
-
 def kernel_rows(formats: list[str], ceiling: float) -> None:
     gguf_formats = [f for f in formats if f in GGUF_FORMATS]
     columns = ["bf16"] + gguf_formats + (["int8"] if "w8a16" in formats else [])
@@ -68,7 +64,7 @@ def kernel_rows(formats: list[str], ceiling: float) -> None:
                 if isinstance(w, torch.Tensor):
                     seconds, size = timed(lambda: linear(x, w), repeat=20), w.numel() * 2
                 else:
-                    seconds, size = timed(lambda: grouped_codes_linear(x, w), repeat=20), stored_bytes(w)
+                    seconds, size = timed(lambda: grouped_codes_linear(x, w), repeat=20), w.stored_bytes
                 cells.append(f"{seconds * 1e6:7.1f}us {size / seconds / ceiling:5.0%}")
             print(f"{name + f' {n}x{k}':26}{m:>6}" + "".join(f"{c:>16}" for c in cells), flush=True)
         del weights
@@ -102,7 +98,7 @@ def bytes_per_token(model: torch.nn.Module) -> int:
     embedding = model.model.embed_tokens.weight
     total = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
     segments = [s for m in model.modules() for s in getattr(m, "gguf_segments", [])]
-    return total + sum(stored_bytes(s.data) for s in segments)
+    return total + sum(s.data.stored_bytes for s in segments)
 
 
 def engine_rows(formats: list[str], batches: list[int], ceiling: float) -> None:

@@ -41,7 +41,7 @@ def test_row_slices_keep_their_values(qtype: str):
 def test_the_repacked_rows_are_hardly_larger_than_their_blocks(qtype: str, extra_bytes_per_block: int):
     """Q4_K/Q5_K: their 12 bytes of 6-bit scales and mins take 16 as bytes."""
     codes, expected = random_codes(qtype, 2, 4)
-    stored = sum(t.numel() * t.element_size() for t in vars(codes).values() if isinstance(t, torch.Tensor))
+    stored = codes.stored_bytes
     block_size, type_size = gguf.GGML_QUANT_SIZES[QType[qtype]]
     assert stored == expected.numel() // block_size * (type_size + extra_bytes_per_block)
 

@@ -47,9 +47,8 @@ class GroupedCodes:
         k = f.q.numel() // n
         bits = {"Q5_K": 5, "Q6_K": 6}.get(qtype, 8 if f.q.dtype == torch.int8 else 4)
         low, high = _pack_codes(f.q.reshape(n, k), bits)
-        per_row = lambda t: None if t is None else t.reshape(n, -1).contiguous()  # noqa: E731
-        return cls(low, high, per_row(f.d), per_row(f.scales), per_row(f.dmin), per_row(f.mins), bits, f.offset,
-                   f.group, block_size)
+        fields_per_row = [None if t is None else t.reshape(n, -1).contiguous() for t in (f.d, f.scales, f.dmin, f.mins)]
+        return cls(low, high, *fields_per_row, bits, f.offset, f.group, block_size)
 
     @classmethod
     def from_int8(cls, q: torch.Tensor, scale: torch.Tensor) -> GroupedCodes:
@@ -57,21 +56,25 @@ class GroupedCodes:
         n, k = q.shape
         return cls(q.contiguous(), None, scale.reshape(n, 1).contiguous(), None, None, None, 8, 0, k, k)
 
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
     def to(self, device: torch.device) -> GroupedCodes:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
 
     def rows(self, start: int, stop: int) -> GroupedCodes:
-        return replace(self, **{f.name: getattr(self, f.name)[start:stop] for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(self, **{name: t[start:stop] for name, t in self._tensors().items()})
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def codes(self) -> torch.Tensor:
         """q [n, k] in the natural order, as int32."""
         n, k = self.shape
         if self.bits == 8:
             return self.low.int()
-        low, high = self.low.int(), (self.low.int() >> 4)
-        low = low & 15
+        low, high = self.low.int() & 15, self.low.int() >> 4
         if self.high is not None:
             extra_bits = self.bits - 4
             per_byte = 8 // (2 * extra_bits)
