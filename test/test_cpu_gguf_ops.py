@@ -2,7 +2,7 @@
 matmul: random blocks (random codes, finite random scales), in-features that are multiples of 32 but
 not of 256 (Q4_K, Q5_K, Q6_K: of 256), odd out-features, 1 to 64 rows (eight at a time; past KERNEL_MAX_ROWS the
 dequantized GEMM). Asked to quantize x (bf16 activations), the kernel multiplies x as llama.cpp does, quantized
-to Q8_0: its product is with `gguf`'s Q8_0 round trip of x."""
+to Q8_0: its product is with `gguf`'s Q8_0 round trip of x. Many bf16 rows meet the weights decoded to bf16 tiles."""
 import subprocess
 import sys
 
@@ -67,11 +67,40 @@ def test_dequantize_is_gguf_bit_for_bit(qtype):
 
 def test_bf16_activations_come_back_in_bf16_and_leading_dims_are_kept():
     blocks = torch.from_numpy(random_rows(QType.Q4_1, (33, 3), np.random.default_rng(1)))
-    x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 96, dtype=torch.bfloat16)  # fewer rows than the bf16 tiles take
     out = gguf_ops.gguf_linear(x, blocks, "Q4_1")
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 33)
-    quantized = gguf_ops.kernels().linear(x.float().view(6, 96), blocks, gguf_ops.FORMATS["Q4_1"], True)
-    assert torch.equal(out, quantized.bfloat16().view(2, 3, 33))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 33)
+    quantized = gguf_ops.kernels().linear(x.float().view(3, 96), blocks, gguf_ops.FORMATS["Q4_1"], True)
+    assert torch.equal(out, quantized.bfloat16().view(1, 3, 33))
+
+
+needs_tiles = pytest.mark.skipif(not gguf_ops.bf16_tiles(), reason="the bf16 tiles need AVX-512 BF16")
+
+
+@needs_tiles
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("shape", range(3))
+@pytest.mark.parametrize("rows", [1, 4, 12, 13, 25])
+def test_bf16_tiles_are_the_product_with_the_weights_rounded_to_bf16(qtype, shape, rows):
+    """Each output is the float64 product of x with gguf's dequantized weights rounded to bf16, itself rounded to
+    bf16 (2^-9 of it), up to weights whose bf16 rounding went the other way (the kernel rounds scale * q + min
+    once, gguf twice): a term within 2^-10 of |x| |w|. Tiles cut at 32 weight rows and 12 rows of x; the shapes'
+    5, 77 and 130 out-features end in partial tiles."""
+    blocks, weight, x = random_case(qtype, shape, rows)
+    x, weight = x.bfloat16(), weight.float().bfloat16().double()
+    expected = x.double() @ weight.T
+    out = gguf_ops.kernels().linear_bf16_tiles(x, blocks, gguf_ops.FORMATS[qtype])
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    bound = 2 ** -8 * expected.abs() + 2 ** -10 * (x.double().abs() @ weight.abs().T)
+    assert ((out.double() - expected).abs() <= bound).all()
+
+
+@needs_tiles
+def test_many_bf16_rows_take_the_tiles():
+    blocks, _, x = random_case("Q8_0", 2, gguf_ops.TILES_MIN_ROWS_SMALL)
+    x = x.bfloat16()
+    assert torch.equal(gguf_ops.gguf_linear(x, blocks, "Q8_0"),
+                       gguf_ops.kernels().linear_bf16_tiles(x, blocks, gguf_ops.FORMATS["Q8_0"]))
 
 
 def test_rows_the_kernel_cannot_take_are_refused_by_name():

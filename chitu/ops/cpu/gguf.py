@@ -1,6 +1,8 @@
 """GGUF blocks multiplied as they are stored, on the CPU (linear_kernels.cpp)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from chitu.ops.cpu import linear as cpu_linear
@@ -11,6 +13,12 @@ VALUES_PER_BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # the others: 32
 # Up to this many rows the kernel (eight rows per decoded block) beats dequantizing; more (a prefill) multiply the
 # dequantized matrix in one float32 GEMM.
 KERNEL_MAX_ROWS = 24
+# bfloat16 rows meet the blocks decoded into bfloat16 tiles (linear_bf16_tiles, on CPUs with AVX-512 BF16) from this
+# many rows on, and from TILES_MIN_ROWS_SMALL on where the weight holds at most SMALL_WEIGHT values: decoding a tile
+# costs as much as a few rows' integer dots, which stream a large weight (an LM head) faster (bench_cpu_kernels.py).
+TILES_MIN_ROWS = 9
+TILES_MIN_ROWS_SMALL = 4
+SMALL_WEIGHT = 1 << 22
 
 
 def kernels():
@@ -29,14 +37,26 @@ def takes(qtype: str, in_features: int) -> bool:
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """x [..., k] times the GGUF rows blocks [n, bytes], transposed → [..., n] in x's dtype (float32 sums). A few
     rows in float32 meet the blocks decoded to floats; in a narrower dtype (bf16: 8 bits of precision already)
-    they are quantized to Q8_0 and meet the blocks' codes in integer dots, as llama.cpp's do, which is faster."""
+    they are quantized to Q8_0 and meet the blocks' codes in integer dots, as llama.cpp's do, which is faster; many
+    bf16 rows meet the blocks decoded to bf16, as the file dequantized at load would multiply them."""
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= KERNEL_MAX_ROWS:
+    if x.dtype == torch.bfloat16 and takes_tiles(rows.shape[0], blocks.shape[0] * x.shape[-1]):
+        out = kernels().linear_bf16_tiles(rows, blocks, FORMATS[qtype])
+    elif rows.shape[0] <= KERNEL_MAX_ROWS:
         out = kernels().linear(rows if x.dtype == torch.bfloat16 else rows.float(), blocks, FORMATS[qtype],
                                x.dtype != torch.float32)
     else:
         out = rows.float() @ dequantize(blocks, qtype, x.shape[-1]).T
     return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
+
+
+def takes_tiles(rows: int, weight_values: int) -> bool:
+    return rows >= (TILES_MIN_ROWS_SMALL if weight_values <= SMALL_WEIGHT else TILES_MIN_ROWS) and bf16_tiles()
+
+
+@functools.cache
+def bf16_tiles() -> bool:
+    return kernels().bf16_tiles()
 
 
 def dequantize(blocks: torch.Tensor, qtype: str, in_features: int) -> torch.Tensor:

@@ -1,5 +1,7 @@
 // A few rows of x times weights as stored on the CPU (the row kernel: weight_formats.h): GGUF blocks, or
-// plain float32 / bfloat16 rows; and GGUF blocks dequantized to float32, where a GEMM of many rows is faster.
+// plain float32 / bfloat16 rows; many bfloat16 rows times GGUF blocks in decoded tiles (bf16_tiles.h); and GGUF
+// blocks dequantized to float32, where a GEMM of many float32 rows is faster.
+#include "bf16_tiles.h"
 #include "weight_formats.h"
 
 #include <ATen/Parallel.h>
@@ -51,6 +53,30 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, int64_t for
   return y;
 }
 
+// x [m, k] bfloat16, w [n, bytes] uint8 of GGUF blocks → x w^T [m, n] bfloat16 (float32 sums), through tiles
+// of w decoded to bfloat16; on CPUs without AVX-512 BF16 an error (bf16_tiles() says which).
+torch::Tensor linear_bf16_tiles(const torch::Tensor& x, const torch::Tensor& w, int64_t format) {
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2, "x must be bfloat16 [m, k]");
+  TORCH_CHECK(!plain(format), "type ", format, " is not a GGUF block format");
+  const int64_t m = x.size(0), k = x.size(1), n = w.size(0);
+  check(w, format, k);
+  torch::Tensor y = torch::empty({m, n}, x.options());
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  const torch::Tensor xc = x.contiguous();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  dispatch(format, [&](auto f) {
+    if constexpr (!plain(decltype(f)::value))
+      at::parallel_for(0, (n + TILE_ROWS - 1) / TILE_ROWS, 1, [&](int64_t begin, int64_t end) {
+        rows_times_tiles<decltype(f)::value>(xc.data_ptr<c10::BFloat16>(), m, k, wp, w.size(1), n, begin, end,
+                                             y.data_ptr<c10::BFloat16>());
+      });
+  });
+#else
+  TORCH_CHECK(false, "the bfloat16 tiles need AVX-512 BF16, which this build lacks");
+#endif
+  return y;
+}
+
 // w [n, bytes] uint8 of GGUF blocks → [n, k] float32
 torch::Tensor dequantize(const torch::Tensor& w, int64_t format, int64_t k) {
   TORCH_CHECK(!plain(format), "type ", format, " is not a GGUF block format");
@@ -69,5 +95,7 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t format, int64_t k) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x w^T for a few rows of x, w as stored");
+  m.def("linear_bf16_tiles", &linear_bf16_tiles, "x w^T for many bfloat16 rows of x, w GGUF blocks");
+  m.def("bf16_tiles", [] { return BF16_TILES; }, "whether linear_bf16_tiles is built");
   m.def("dequantize", &dequantize, "GGUF blocks to float32");
 }
