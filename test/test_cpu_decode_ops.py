@@ -57,9 +57,30 @@ def test_rotary_after_head_norms_runs_the_kernels_as_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
-def test_silu_and_mul(dtype):
-    x = torch.randn(3, 2, 2 * 77, dtype=dtype)
+@pytest.mark.parametrize("width", [77, 300])
+def test_silu_and_mul(dtype, width):
+    """Widths below and past the kernel's chunk of 256, gates large enough that exp over- and underflows."""
+    x = torch.randn(3, 2, 2 * width, dtype=dtype) * 40
     assert_close(kernels.silu_and_mul(x), ref_activation.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("k_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.bfloat16)])
+def test_store_kv_writes_strided_rows_into_their_slots_as_the_reference(k_dtype, cache_dtype):
+    """k and v cut from a fused projection (strided rows), values narrower than keys, slots out of order; the
+    other slots keep what they held."""
+    tokens, kv_heads, head_dim, head_dim_v = 5, 3, 48, 32
+    fused = torch.randn(tokens, kv_heads * (head_dim + head_dim_v) + 7, dtype=k_dtype)
+    k = fused[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
+    v = fused[:, kv_heads * head_dim: kv_heads * (head_dim + head_dim_v)].view(tokens, kv_heads, head_dim_v)
+    slots = torch.tensor([17, 3, 40, 0, 22])
+    caches = [torch.randn(6, 8, kv_heads, width).to(cache_dtype) for width in (head_dim, head_dim_v)]
+    expected = [cache.clone() for cache in caches]
+    ref_attention.store_kv(k, v, *expected, slots)
+    kernels.store_kv(k, v, *caches, slots)
+    assert all(torch.equal(got, want) for got, want in zip(caches, expected))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.store_kv(k, v, *caches, torch.tensor([0, 1, 2, 3, 48]))
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE))

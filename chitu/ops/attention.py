@@ -15,8 +15,11 @@ if triton_ops.AVAILABLE:
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k [T, kv_heads, head_dim] and v [T, kv_heads, head_dim_v] into their slots."""
-    if triton_ops.enabled(k) and k_cache.is_contiguous() and v_cache.is_contiguous():
+    contiguous = k_cache.is_contiguous() and v_cache.is_contiguous()
+    if triton_ops.enabled(k) and contiguous:
         kv_store.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    elif contiguous and k.stride(-1) == 1 and v.stride(-1) == 1 and cpu_kernels.runs_on(k):
+        cpu_kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)
     else:
         ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
 

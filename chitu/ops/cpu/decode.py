@@ -51,3 +51,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _kernels().silu_and_mul(x)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k [T, kv_heads, D], v [T, kv_heads, Dv] (rows contiguous) into contiguous caches at their slots."""
+    _kernels().store_kv(k, v, k_cache, v_cache, slot_mapping)

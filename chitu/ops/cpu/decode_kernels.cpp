@@ -4,6 +4,8 @@
 // summation order.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -234,7 +236,8 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
   return out;
 }
 
-// silu(x[..., :n]) * x[..., n:] for rows of width 2n, silu rounded to the dtype before the product.
+// silu(x[..., :n]) * x[..., n:] for rows of width 2n, silu rounded to the dtype before the product; the exponentials
+// in ATen's vectors, as torch's silu takes them.
 torch::Tensor silu_and_mul(const torch::Tensor& x) {
   TORCH_CHECK(x.is_contiguous() && x.size(-1) % 2 == 0);
   const int64_t width = x.size(-1) / 2, rows = x.numel() / x.size(-1);
@@ -243,17 +246,59 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   auto out = torch::empty(sizes, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
     using T = scalar_t;
+    using V = at::vec::Vectorized<float>;
+    constexpr int64_t CHUNK = 256;
     const T* xp = x.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    at::parallel_for(0, rows * width, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t r = i / width, c = i % width;
-        const float gate = to_float(xp[r * 2 * width + c]);
-        op[i] = rounded<T>(to_float(rounded<T>(gate / (1.f + std::exp(-gate)))) * to_float(xp[r * 2 * width + width + c]));
-      }
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / width), [&](int64_t begin, int64_t end) {
+      float gate[CHUNK];
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t c0 = 0; c0 < width; c0 += CHUNK) {
+          const int64_t n = std::min(CHUNK, width - c0);
+          const T *g = xp + r * 2 * width + c0, *up = g + width;
+          for (int64_t j = 0; j < n; ++j) gate[j] = to_float(g[j]);
+          at::vec::map([](V v) { return v / (V(1.f) + v.neg().exp()); }, gate, gate, n);
+          for (int64_t j = 0; j < n; ++j) op[r * width + c0 + j] = rounded<T>(to_float(rounded<T>(gate[j])) * to_float(up[j]));
+        }
     });
   });
   return out;
+}
+
+// k [T, kv_heads, D] and v [T, kv_heads, Dv] (last dims contiguous, any other strides) into the rows `slots` of
+// caches [blocks, block_size, kv_heads, D or Dv] (contiguous), converted to the caches' dtype.
+template <typename T, typename C>
+void store_rows(const torch::Tensor& x, torch::Tensor& cache, const int64_t* slots) {
+  const int64_t tokens = x.size(0), heads = x.size(1), width = x.size(2);
+  const T* xp = x.data_ptr<T>();
+  C* cp = cache.data_ptr<C>();
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* row = xp + t * x.stride(0) + h * x.stride(1);
+      C* slot = cp + (slots[t] * heads + h) * width;
+      if constexpr (std::is_same_v<T, C>) std::copy(row, row + width, slot);
+      else for (int64_t d = 0; d < width; ++d) slot[d] = static_cast<C>(to_float(row[d]));
+    }
+}
+
+void store_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
+              const torch::Tensor& slot_mapping) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(-1) == 1 && v.stride(-1) == 1 && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+              k.scalar_type() == v.scalar_type() && slot_mapping.scalar_type() == at::kLong &&
+              slot_mapping.is_contiguous() && slot_mapping.numel() == k.size(0) && v.size(0) == k.size(0));
+  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2) && v_cache.size(2) == v.size(1) &&
+              v_cache.size(3) == v.size(2), "k/v do not match the caches' heads and widths");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
+  for (int64_t t = 0; t < k.size(0); ++t) TORCH_CHECK(0 <= slots[t] && slots[t] < capacity, "slot out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "store_kv", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "store_kv_cache", [&] {
+      store_rows<T, scalar_t>(k, k_cache, slots);
+      store_rows<T, scalar_t>(v, v_cache, slots);
+    });
+  });
 }
 
 }  // namespace
@@ -264,4 +309,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention);
   m.def("apply_rotary", &apply_rotary);
   m.def("silu_and_mul", &silu_and_mul);
+  m.def("store_kv", &store_kv);
 }

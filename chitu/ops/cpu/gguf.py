@@ -21,6 +21,7 @@ TILES_MIN_ROWS_SMALL = 4
 SMALL_WEIGHT = 1 << 22
 
 
+@functools.cache
 def kernels():
     """The compiled kernels (ops/cpu/linear.py); where they cannot be built, an error that says what to do."""
     try:
@@ -39,15 +40,16 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tens
     rows in float32 meet the blocks decoded to floats; in a narrower dtype (bf16: 8 bits of precision already)
     they are quantized to Q8_0 and meet the blocks' codes in integer dots, as llama.cpp's do, which is faster; many
     bf16 rows meet the blocks decoded to bf16, as the file dequantized at load would multiply them."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    kernel, code = kernels(), FORMATS[qtype]
     if x.dtype == torch.bfloat16 and takes_tiles(rows.shape[0], blocks.shape[0] * x.shape[-1]):
-        out = kernels().linear_bf16_tiles(rows, blocks, FORMATS[qtype])
+        out = kernel.linear_bf16_tiles(rows, blocks, code)
     elif rows.shape[0] <= KERNEL_MAX_ROWS:
-        out = kernels().linear(rows if x.dtype == torch.bfloat16 else rows.float(), blocks, FORMATS[qtype],
-                               x.dtype != torch.float32)
+        out = kernel.linear(rows if x.dtype == torch.bfloat16 else rows.float(), blocks, code, x.dtype != torch.float32)
     else:
         out = rows.float() @ dequantize(blocks, qtype, x.shape[-1]).T
-    return out.to(x.dtype).view(*x.shape[:-1], blocks.shape[0])
+    out = out if out.dtype == x.dtype else out.to(x.dtype)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], blocks.shape[0])
 
 
 def takes_tiles(rows: int, weight_values: int) -> bool:
