@@ -121,7 +121,30 @@ struct Activations {
         scales[r * subs + sb] = static_cast<float>(c10::Half(d));
         sums[r * subs + sb] = scales[r * subs + sb] * static_cast<float>(total);
       }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+    make_pairs(m);
+#endif
   }
+
+  // With 512-bit integer dots, two sub-blocks at a time: per row and pair p, x's scales [s(2p) x 8, s(2p+1) x 8]
+  // and its sums over 32 divided by 8 (so that 8 lanes of a minimum times them sum to minimum * sum, exactly).
+  std::vector<float> pair_scales, pair_sums;  // [m, subs / 2, 16]
+
+  void make_pairs(int64_t m) {
+    const int64_t subs = k / QK, pairs = subs / 2;
+    pair_scales.resize(m * pairs * 16);
+    pair_sums.resize(m * pairs * 16);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int j = 0; j < 16; ++j) {
+          const int64_t sb = r * subs + 2 * p + j / 8;
+          pair_scales[(r * pairs + p) * 16 + j] = scales[sb];
+          pair_sums[(r * pairs + p) * 16 + j] = sums[sb] * 0.125f;
+        }
+  }
+
+  const float* pair_scale(int64_t r, int64_t sb) const { return &pair_scales[(r * (k / QK / 2) + sb / 2) * 16]; }
+  const float* pair_sum(int64_t r, int64_t sb) const { return &pair_sums[(r * (k / QK / 2) + sb / 2) * 16]; }
 
   bool quantized() const { return !codes.empty(); }
   const float* row(int64_t r) const { return x + r * k; }
@@ -418,6 +441,49 @@ inline __m256 lane_scales(const uint8_t* block, int64_t s, float* min) {
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+// Sub-blocks s and s + 1 (in blocks first and second) as 64 codes in value order. Q4_0 / Q4_1: both blocks' 16
+// bytes in one vector, their low nibbles (values 0..15) and high ones (16..31) split once for the two and put in
+// order by one shuffle of 128-bit quarters.
+template <int64_t F>
+inline __m512i pair_codes(const uint8_t* first, const uint8_t* second, int64_t s) {
+  if constexpr (F == Q4_0 || F == Q4_1) {
+    constexpr int offset = F == Q4_1 ? 4 : 2;
+    const __m256i packed = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first + offset))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(second + offset)), 1);
+    const __m256i low = _mm256_and_si256(packed, _mm256_set1_epi8(15));
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(15));
+    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);  // lows of both, highs of both
+    const __m512i q = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
+    return F == Q4_0 ? _mm512_sub_epi8(q, _mm512_set1_epi8(8)) : q;
+  } else {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(code_bytes<F>(first, s)),
+                              code_bytes<F>(second, (s + 1) % sub_blocks(F)), 1);
+  }
+}
+
+// The weights' scale of each of the 16 sums of four of a pair of sub-blocks, and their minimums likewise. Q4_0,
+// Q4_1, Q8_0: the blocks' float16 d (and m) converted in one instruction and spread by permutes.
+template <int64_t F>
+inline void pair_scales(const uint8_t* first, const uint8_t* second, int64_t s, __m512* scales, __m512* mins) {
+  if constexpr (F == Q4_0 || F == Q4_1 || F == Q8_0) {
+    int32_t head0, head1;  // d, then m (Q4_1)
+    std::memcpy(&head0, first, 4);
+    std::memcpy(&head1, second, 4);
+    const __m512 values = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(head0), head1, 1)));
+    *scales = _mm512_permutexvar_ps(_mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0), values);
+    if constexpr (F == Q4_1)
+      *mins = _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1), values);
+  } else {
+    float min0, min1;
+    const __m256 scales0 = lane_scales<F>(first, s, &min0);
+    *scales = _mm512_insertf32x8(_mm512_castps256_ps512(scales0), lane_scales<F>(second, (s + 1) % sub_blocks(F), &min1), 1);
+    if constexpr (has_minimum(F)) *mins = _mm512_insertf32x8(_mm512_set1_ps(min0), _mm256_set1_ps(min1), 1);
+  }
+}
+#endif
+
 // ROWS rows of x (quantized) against one row of GGUF blocks: each sub-block's codes made once for them, an
 // integer dot per row, scaled by the weights' and the row's scales.
 template <int64_t F, int ROWS>
@@ -432,35 +498,34 @@ inline void rows_times_block_row(const Activations& a, int64_t row0, const uint8
   int64_t sb = 0;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
   // Two sub-blocks at a time: 64 codes in one 512-bit integer dot.
-  __m512 wide[ROWS][C];
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < C; ++c) wide[r][c] = _mm512_setzero_ps();
+  // One chain per row (and one for its minimums): a pair's ~20 instructions outlast a multiply-add's latency.
+  __m512 wide[ROWS], minimums[ROWS];
+  for (int r = 0; r < ROWS; ++r) wide[r] = minimums[r] = _mm512_setzero_ps();
   for (; sb + 1 < subs; sb += 2) {
     const uint8_t *first = block_of<F>(weights, sb), *second = block_of<F>(weights, sb + 1);
     const int64_t s = sb % sub_blocks(F);
     if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(first) + PREFETCH_BYTES, _MM_HINT_T0);
-    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(code_bytes<F>(first, s)),
-                                             code_bytes<F>(second, (sb + 1) % sub_blocks(F)), 1);
+    const __m512i codes = pair_codes<F>(first, second, s);
     const __m512i magnitudes = signed_codes(F) ? _mm512_abs_epi8(codes) : codes;
     const __mmask64 negative = signed_codes(F) ? _mm512_movepi8_mask(codes) : 0;
-    float min0, min1;
-    const __m256 scales0 = lane_scales<F>(first, s, &min0);
-    const __m512 scales = _mm512_insertf32x8(_mm512_castps256_ps512(scales0),
-                                             lane_scales<F>(second, (sb + 1) % sub_blocks(F), &min1), 1);
+    __m512 scales, mins;
+    pair_scales<F>(first, second, s, &scales, &mins);
     for (int r = 0; r < ROWS; ++r) {
       const int64_t row = row0 + r;
-      const float* x_scales = &a.scales[row * subs + sb];
       __m512i xq = _mm512_loadu_si512(a.row_codes(row) + sb * QK);
       if constexpr (signed_codes(F)) xq = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);
       const __m512 dots = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitudes, xq));
-      const __m512 row_scales = _mm512_insertf32x8(_mm512_set1_ps(x_scales[0]), _mm256_set1_ps(x_scales[1]), 1);
-      __m512& chain = wide[r][(sb / 2) % C];
-      chain = _mm512_fmadd_ps(dots, _mm512_mul_ps(scales, row_scales), chain);
-      if constexpr (has_minimum(F)) min_acc[r] += min0 * a.sums[row * subs + sb] + min1 * a.sums[row * subs + sb + 1];
+      wide[r] = _mm512_fmadd_ps(dots, _mm512_mul_ps(scales, _mm512_loadu_ps(a.pair_scale(row, sb))), wide[r]);
+      if constexpr (has_minimum(F)) minimums[r] = _mm512_fmadd_ps(mins, _mm512_loadu_ps(a.pair_sum(row, sb)), minimums[r]);
     }
   }
+  if (sb == subs) {  // no sub-block left for the 256-bit loop
+    for (int r = 0; r < ROWS; ++r)
+      out[r * out_stride] = _mm512_reduce_add_ps(has_minimum(F) ? _mm512_add_ps(wide[r], minimums[r]) : wide[r]);
+    return;
+  }
   for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < C; ++c) min_acc[r] += _mm512_reduce_add_ps(wide[r][c]);
+    min_acc[r] = _mm512_reduce_add_ps(has_minimum(F) ? _mm512_add_ps(wide[r], minimums[r]) : wide[r]);
 #endif
   for (; sb < subs; ++sb) {
     const uint8_t* block = block_of<F>(weights, sb);
