@@ -171,6 +171,20 @@ def test_models_health_metrics(client, server):
     assert metrics['chitu_requests_total{finish_reason="length"}'] >= 1
 
 
+def test_a_repeated_prompt_hits_the_prefix_cache(client, server):
+    """A chat of ~200 tokens twice: the second finds at least its first two 64-token blocks cached, and both
+    answers (greedy) are the same."""
+    messages = [{"role": "user", "content": "Summarise this in a word: " + "the quick brown fox jumps. " * 30}]
+    before = server.metrics()
+    answers = [client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=4,
+                                              temperature=0).choices[0].message.content for _ in range(2)]
+    after = server.metrics()
+    assert answers[0] == answers[1]
+    assert after["chitu_prefix_cache_queries_total"] - before.get("chitu_prefix_cache_queries_total", 0) >= 400
+    assert after["chitu_prefix_cache_hits_total"] - before.get("chitu_prefix_cache_hits_total", 0) >= 128
+    assert 0 < after["chitu_prefix_cache_hit_rate"] <= 1
+
+
 # --- plain requests --------------------------------------------------------------------------------
 
 def test_requests_stream_without_content_type(server):

@@ -60,6 +60,7 @@ class InferSection:
     num_blocks: int = -1
     memory_utilization: float = 0.9
     prefill_chunk_size: Optional[int] = 4096
+    enable_prefix_caching: bool = True
     attn_type: str = "auto"
     op_impl: str = "torch"
     mla_absorb: str = "none"

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -98,7 +98,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset()
         infer = config.infer
-        self.blocks = BlockManager(self.worker.num_blocks, infer.block_size)
+        self.blocks = BlockManager(self.worker.num_blocks, infer.block_size, infer.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size, *micro_batch_limits(config))
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[InFlight] = deque()
@@ -201,9 +201,13 @@ class LLMEngine:
                 raise EngineDead(f"rank 0 failed a step, so the ranks are out of step: {e.__cause__}") from e
             self._retry_alone(e)
             return []
-        still_in_flight = {id(r) for f in self.in_flight for r in f.batch.requests}
+        pending = Counter()  # tokens of each request in batches still in flight
+        for f in self.in_flight:
+            pending.update({id(r): n for r, n in zip(f.batch.requests, f.batch.num_new_tokens)})
         for request in done.batch.requests:
-            request.in_flight = id(request) in still_in_flight
+            request.in_flight = id(request) in pending
+            if not request.is_finished:
+                self.blocks.cache_computed(request, request.num_computed_tokens - pending[id(request)])
         return [] if done.result is None else self._append_samples(done.batch, done.plan, done.result)
 
     def _retry_alone(self, error: StepError) -> None:

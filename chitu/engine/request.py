@@ -34,6 +34,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_keys: list = field(default_factory=list)  # prefix caching: its full blocks' keys (engine/kv_cache.py)
+    num_cached_blocks: int = 0  # of its block table, the first ones offered for reuse
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" (EOS), "length", "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -5,7 +5,8 @@ homogeneous, as in Chitu: prefill whenever some admitted request still has promp
 (chunked by a token budget), otherwise one decode token for every running request. When the KV
 cache runs out during decode, the lowest-ranked running request is preempted: its blocks are freed
 and it goes back to the queue to be recomputed later, so nothing is lost and nothing is corrupted.
-A request marked `runs_alone` (it was in a step that failed) is only ever batched by itself.
+A request marked `runs_alone` (it was in a step that failed) is only ever batched by itself. With prefix
+caching an admitted request starts from the cached blocks that hold its first tokens (engine/kv_cache.py).
 
 With pipeline parallelism up to pp_size batches (micro-batches) are in flight at once; a request in
 one is skipped until its tokens come back, and micro-batch sizes follow scheduler.pp_config.
@@ -88,13 +89,15 @@ class Scheduler:
         while (self.waiting and len(self.running) < self.max_reqs and budget > 0
                and len(batch.requests) < self.max_prefill_batch and _joins(batch, self.waiting[0][1])):
             request = self.waiting[0][1]
-            chunk = min(request.num_tokens, budget)
-            if not self.blocks.can_hold(request, chunk):
+            prefix = self.blocks.cached_prefix(request)
+            reused = len(prefix) * self.blocks.block_size
+            if not self.blocks.can_admit(request, prefix, reused + min(request.num_tokens - reused, budget)):
                 break
             heapq.heappop(self.waiting)
+            self.blocks.take_prefix(request, prefix)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            budget -= self._add_prefill(batch, request, request.num_tokens, budget)
+            budget -= self._add_prefill(batch, request, request.num_tokens - reused, budget)
         return batch if batch.requests else None
 
     def _add_prefill(self, batch: Batch, request: Request, remaining: int, budget: float) -> int:

@@ -30,6 +30,11 @@ class ServeMetrics:
         self.waiting = Gauge("chitu_num_requests_waiting", "Requests queued for admission", registry=r)
         self.kv_usage = Gauge("chitu_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", registry=r)
         self.kv_free_blocks = Gauge("chitu_kv_cache_free_blocks", "Free KV-cache blocks", registry=r)
+        self.prefix_queries = Counter("chitu_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("chitu_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self.prefix_hit_rate = Gauge("chitu_prefix_cache_hit_rate", "Prefix-cache hits over queries so far", registry=r)
+        self._counted = (0, 0)  # the engine's queries and hits already added
 
     def observe_engine(self, engine: LLMEngine) -> None:
         """Refresh the gauges; called on the engine thread after every step and command."""
@@ -37,6 +42,11 @@ class ServeMetrics:
         self.waiting.set(engine.scheduler.num_waiting)
         self.kv_usage.set(engine.blocks.usage)
         self.kv_free_blocks.set(engine.blocks.num_free)
+        queries, hits = engine.blocks.query_tokens, engine.blocks.hit_tokens
+        self.prefix_queries.inc(queries - self._counted[0])
+        self.prefix_hits.inc(hits - self._counted[1])
+        self._counted = (queries, hits)
+        self.prefix_hit_rate.set(hits / queries if queries else 0.0)
 
     def observe_request(self, stream: RequestStream, finish_reason: str) -> None:
         now = time.monotonic()
