@@ -51,17 +51,19 @@ PROMPT, OUTPUT, PREFILL = 128, 256, 2048
 BATCHES = [1, 16, 64, 256]
 
 
-def timed(fn, repeat: int = 10) -> float:
-    """Median seconds of fn() on the GPU."""
+def timed(fn, repeat: int = 10, inner: int = 1) -> float:
+    """Median seconds of fn() on the GPU; with inner > 1, of `inner` calls back to back (divided), so that a
+    kernel shorter than its launch is timed by the GPU's queue, not by the host's launch overhead."""
     fn()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / inner)
     return sorted(times)[len(times) // 2]
 
 

@@ -62,13 +62,14 @@ def kernel_rows(formats: list[str], ceiling: float) -> None:
             cells = []
             for w in weights.values():
                 if isinstance(w, torch.Tensor):
-                    seconds, size = timed(lambda: linear(x, w), repeat=20), w.numel() * 2
+                    seconds, size = timed(lambda: linear(x, w), repeat=20, inner=50), w.numel() * 2
                 else:
-                    seconds, size = timed(lambda: grouped_codes_linear(x, w), repeat=20), w.stored_bytes
+                    seconds, size = timed(lambda: grouped_codes_linear(x, w), repeat=20, inner=50), w.stored_bytes
                 cells.append(f"{seconds * 1e6:7.1f}us {size / seconds / ceiling:5.0%}")
             print(f"{name + f' {n}x{k}':26}{m:>6}" + "".join(f"{c:>16}" for c in cells), flush=True)
         del weights
-    print("(each cell: time, and the bytes read per second as a share of the copy rate)")
+    print("(each cell: time of 50 calls back to back, divided, and the bytes read per second as a share of the copy "
+          "rate; weights smaller than the GPU's L2 may be read from it after the first call)")
 
 
 def quantized_model(fmt: str) -> torch.nn.Module:
