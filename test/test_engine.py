@@ -196,3 +196,27 @@ def test_the_cpu_kernels_are_built_at_startup_not_in_the_first_request(smollm2_p
     done = process_tree.run([sys.executable, "-c", script], timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "1"]
+
+
+def test_a_stream_keeps_receiving_tokens_while_a_long_prompt_prefills(smollm2_path):
+    """Mixed steps: budget 16 tokens a step, a ~150-token prompt arriving while a stream decodes; the stream gets
+    a token in every step of that prompt's chunked prefill, and both give the tokens of running alone."""
+    small = LLM("dtype=float32", "infer.max_seq_len=256", "infer.max_reqs=4", "infer.block_size=16",
+                "infer.prefill_chunk_size=16", "infer.enable_prefix_caching=False").engine
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_with_eos=False)
+    short = chat_prompts(small)[0]
+    long = small.tokenizer.apply_chat_template([{"role": "user", "content": " ".join(QUESTIONS * 2)}])
+    alone = [run_alone(small, p, params) for p in (short, long)]
+    stream = small.add_request(short, params)
+    while len(stream.output_token_ids) < 2:
+        small.step()
+    prompt = small.add_request(long, params)
+    during = []
+    while not prompt.output_token_ids:
+        before = len(stream.output_token_ids)
+        small.step()
+        during.append(len(stream.output_token_ids) - before)
+    while small.has_unfinished():
+        small.step()
+    assert len(during) >= len(long) // 16 and set(during) == {1}
+    assert [stream.output_token_ids, prompt.output_token_ids] == alone

@@ -31,11 +31,12 @@ def check_invariants(blocks: BlockManager, running: list[Request], contents: dic
     assert all(blocks.cached[key] == block for block, key in blocks.key_of.items())
 
 
+@pytest.mark.parametrize("mixed_steps", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_arrivals_aborts_and_preemptions_keep_blocks_and_contents_exact(seed):
+def test_random_arrivals_aborts_and_preemptions_keep_blocks_and_contents_exact(seed, mixed_steps):
     rng = random.Random(seed)
     blocks = BlockManager(num_blocks=12, block_size=BLOCK)
-    scheduler = Scheduler(blocks, max_reqs=5, prefill_chunk_size=6)
+    scheduler = Scheduler(blocks, max_reqs=5, prefill_chunk_size=6, mixed_steps=mixed_steps)
     prefixes = [[rng.randrange(1, 50) for _ in range(rng.randrange(3, 14))] for _ in range(3)]
     contents = {b: [None] * BLOCK for b in range(blocks.num_blocks)}
     live = []

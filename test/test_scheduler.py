@@ -77,3 +77,27 @@ def test_requests_in_flight_are_never_preempted():
     decode = scheduler.schedule()
     assert decode.requests == [requests[0]] and requests[2].in_flight and requests[2].block_table
     assert scheduler.num_preemptions == 1  # r1 made room; r2, in flight, kept its blocks
+
+
+def test_mixed_steps_keep_decoding_while_a_long_prompt_prefills():
+    """A stream decoding while a 40-token prompt arrives under a budget of 8 tokens a step: every step gives
+    the stream its token and the prompt a chunk of the other 7 until it is prefilled."""
+    scheduler = Scheduler(BlockManager(64, 4), max_reqs=4, prefill_chunk_size=8, mixed_steps=True)
+    stream = Request("stream", [1, 2, 3], SamplingParams(max_new_tokens=50))
+    scheduler.add(stream)
+    batch = scheduler.schedule()
+    launch(batch)
+    complete(batch)
+    prompt = Request("prompt", list(range(1, 41)), SamplingParams(max_new_tokens=4))
+    scheduler.add(prompt)
+    steps = 0
+    while not prompt.output_token_ids:
+        batch = scheduler.schedule()
+        assert batch.is_prefill and batch.requests == [stream, prompt] and batch.num_new_tokens[0] == 1
+        assert sum(batch.num_new_tokens) <= 8
+        launch(batch)
+        complete(batch)
+        steps += 1
+    assert steps == 6 and len(stream.output_token_ids) == 1 + steps  # 40 tokens, 7 a step
+    batch = scheduler.schedule()
+    assert not batch.is_prefill and batch.requests == [stream, prompt]

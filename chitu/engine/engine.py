@@ -99,7 +99,8 @@ class LLMEngine:
         self.eos_token_ids = tokenizer.eos_token_ids if tokenizer else frozenset()
         infer = config.infer
         self.blocks = BlockManager(self.worker.num_blocks, infer.block_size, infer.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size, *micro_batch_limits(config))
+        self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size, *micro_batch_limits(config),
+                                   mixed_steps=infer.pp_size == 1)
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[InFlight] = deque()
         self._announced: set[str] = set()  # requests whose sampling settings the sampling rank holds

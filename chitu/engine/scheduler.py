@@ -1,8 +1,11 @@
 """Continuous batching: which requests run in the next step, prefill or decode.
 
-Waiting requests sit in a priority queue (higher priority first, then arrival order). A step is
-homogeneous, as in Chitu: prefill whenever some admitted request still has prompt tokens to compute
-(chunked by a token budget), otherwise one decode token for every running request. When the KV
+Waiting requests sit in a priority queue (higher priority first, then arrival order). With mixed steps (one
+pipeline stage) a step gives one decode token to every running request that has one to compute, then fills what is
+left of its token budget (infer.prefill_chunk_size) with prefill chunks, of running requests first, then of those
+admitted: streams keep receiving tokens while a long prompt is prefilled. Otherwise (pipeline parallelism, whose
+micro-batches follow scheduler.pp_config) a step is homogeneous, as in Chitu: prefill whenever some admitted
+request still has prompt tokens to compute, else one decode token for every running request. When the KV
 cache runs out during decode, the lowest-ranked running request is preempted: its blocks are freed
 and it goes back to the queue to be recomputed later, so nothing is lost and nothing is corrupted.
 A request marked `runs_alone` (it was in a step that failed) is only ever batched by itself. With prefix
@@ -53,8 +56,9 @@ def _joins(batch: Batch | list[Request], request: Request) -> bool:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_reqs: int, prefill_chunk_size: int | None,
-                 max_prefill_batch: int | None = None, max_decode_batch: int | None = None):
+                 max_prefill_batch: int | None = None, max_decode_batch: int | None = None, mixed_steps: bool = False):
         self.blocks = block_manager
+        self.mixed_steps = mixed_steps
         self.max_reqs = max_reqs
         self.prefill_budget = prefill_chunk_size
         self.max_prefill_batch = max_prefill_batch or max_reqs
@@ -76,11 +80,29 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Batch | None:
+        if self.mixed_steps:
+            return self._schedule_mixed()
         return self._schedule_prefill() or self._schedule_decode()
 
-    def _schedule_prefill(self) -> Batch | None:
-        batch = Batch(is_prefill=True, requests=[], num_new_tokens=[])
-        budget = self.prefill_budget or float("inf")
+    def _schedule_mixed(self) -> Batch | None:
+        """One decode token for every running request that has one to compute, then prefill chunks in what is
+        left of the token budget: a prompt being prefilled does not hold back the streams already running."""
+        batch = self._schedule_decode(stalled_preemption=False) or Batch(is_prefill=False, requests=[],
+                                                                         num_new_tokens=[])
+        budget = (self.prefill_budget or float("inf")) - len(batch.requests)
+        prefill = self._schedule_prefill(batch, budget)
+        if prefill is not None:
+            return prefill
+        if self.running and not any(r.in_flight for r in self.running):
+            self.preempt(self._lowest_ranked())  # only stalled prefills: free the lowest-ranked one's blocks
+            return self.schedule()
+        return None
+
+    def _schedule_prefill(self, batch: Batch | None = None, budget: float | None = None) -> Batch | None:
+        """Prefill chunks of running requests, then admissions, within `budget` tokens, added to `batch` (a new
+        one by default); the batch if it holds any request."""
+        batch = batch or Batch(is_prefill=True, requests=[], num_new_tokens=[])
+        budget = budget if budget is not None else self.prefill_budget or float("inf")
         for request in self.running:
             remaining = request.num_tokens - request.num_computed_tokens
             if (not request.in_flight and remaining > 1 and budget > 0 and len(batch.requests) < self.max_prefill_batch
@@ -106,6 +128,7 @@ class Scheduler:
         if chunk == 0:
             return 0
         self.blocks.grow(request, request.num_computed_tokens + chunk)
+        batch.is_prefill = True
         batch.requests.append(request)
         batch.num_new_tokens.append(chunk)
         return chunk
@@ -115,7 +138,7 @@ class Scheduler:
         capacity = (len(request.block_table) + self.blocks.num_free) * self.blocks.block_size
         return max(0, min(chunk, capacity - request.num_computed_tokens))
 
-    def _schedule_decode(self) -> Batch | None:
+    def _schedule_decode(self, stalled_preemption: bool = True) -> Batch | None:
         scheduled: list[Request] = []
         for request in self._decode_order():
             num_tokens = request.num_tokens
@@ -138,7 +161,7 @@ class Scheduler:
         if scheduled:
             self._alone_last = scheduled[0].runs_alone
             return Batch(is_prefill=False, requests=scheduled, num_new_tokens=[1] * len(scheduled))
-        if self.running and not any(r.in_flight for r in self.running):
+        if stalled_preemption and self.running and not any(r.in_flight for r in self.running):
             # only stalled prefills: free the lowest-ranked one's blocks for the others
             self.preempt(self._lowest_ranked())
             return self.schedule()
