@@ -54,6 +54,7 @@ def test_every_model_fragment_composes():
     ("infer.max_reqs=many", "infer.max_reqs"),
     ("infer.max_reqs=0", "infer.max_reqs=0 must be a positive integer"),
     ("infer.attn_type=fast", "infer.attn_type=fast is not one of"),
+    ("infer.kv_watermark=1.5", "infer.kv_watermark=1.5 must be in [0, 1)"),
     ("infer.cache_type=skew", "infer.cache_type=skew"),
     ("serve.port=80", "serve.port=80"),
     ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),

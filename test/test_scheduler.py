@@ -101,3 +101,26 @@ def test_mixed_steps_keep_decoding_while_a_long_prompt_prefills():
     assert steps == 6 and len(stream.output_token_ids) == 1 + steps  # 40 tokens, 7 a step
     batch = scheduler.schedule()
     assert not batch.is_prefill and batch.requests == [stream, prompt]
+
+
+def test_admission_beside_running_requests_keeps_the_watermark_free():
+    """10 blocks of 4, a watermark of 2: beside a running request (3 blocks) a prompt needing 6 waits, one
+    needing 5 leaves the 2 free and is admitted; alone, a prompt needing all 10 blocks is admitted."""
+    scheduler = Scheduler(BlockManager(10, 4), max_reqs=4, prefill_chunk_size=None, mixed_steps=True,
+                          watermark_blocks=2)
+    running = Request("running", list(range(1, 12)), SamplingParams(max_new_tokens=4))
+    scheduler.add(running)
+    batch = scheduler.schedule()
+    launch(batch)
+    complete(batch)
+    big, fitting = (Request(name, list(range(1, 1 + 4 * blocks)), SamplingParams(max_new_tokens=1))
+                    for name, blocks in (("big", 6), ("fitting", 5)))
+    scheduler.add(big)
+    assert scheduler.schedule().requests == [running]  # its decode token only
+    scheduler.finish(big, "abort")
+    scheduler.add(fitting)
+    assert scheduler.schedule().requests == [running, fitting] and scheduler.blocks.num_free == 2
+    alone = Scheduler(BlockManager(10, 4), max_reqs=4, prefill_chunk_size=None, watermark_blocks=2)
+    whole = Request("whole", list(range(1, 40)), SamplingParams(max_new_tokens=1))
+    alone.add(whole)
+    assert alone.schedule().requests == [whole] and alone.blocks.num_free == 0

@@ -61,6 +61,7 @@ class InferSection:
     memory_utilization: float = 0.9
     prefill_chunk_size: Optional[int] = 4096
     enable_prefix_caching: bool = True
+    kv_watermark: float = 0.01
     attn_type: str = "auto"
     op_impl: str = "torch"
     mla_absorb: str = "none"
@@ -207,6 +208,8 @@ def _check_values(config: ChituConfig) -> None:
         raise ConfigError(f"infer.num_blocks={config.infer.num_blocks} must be -1 (auto) or positive")
     if not 0 < config.infer.memory_utilization <= 1:
         raise ConfigError(f"infer.memory_utilization={config.infer.memory_utilization} must be in (0, 1]")
+    if not 0 <= config.infer.kv_watermark < 1:
+        raise ConfigError(f"infer.kv_watermark={config.infer.kv_watermark} must be in [0, 1)")
     chunk = config.infer.prefill_chunk_size
     if chunk is not None and chunk < config.infer.block_size:
         raise ConfigError(f"infer.prefill_chunk_size={chunk} must be null or >= infer.block_size")

@@ -100,7 +100,8 @@ class LLMEngine:
         infer = config.infer
         self.blocks = BlockManager(self.worker.num_blocks, infer.block_size, infer.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, infer.max_reqs, infer.prefill_chunk_size, *micro_batch_limits(config),
-                                   mixed_steps=infer.pp_size == 1)
+                                   mixed_steps=infer.pp_size == 1,
+                                   watermark_blocks=int(infer.kv_watermark * self.blocks.num_blocks))
         self.requests: dict[str, Request] = {}
         self.in_flight: deque[InFlight] = deque()
         self._announced: set[str] = set()  # requests whose sampling settings the sampling rank holds

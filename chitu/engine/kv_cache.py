@@ -79,11 +79,11 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def can_admit(self, request: Request, prefix: list[int], num_tokens: int) -> bool:
-        """Whether the request, reusing `prefix` (cached_prefix), can hold `num_tokens` tokens: the prefix's
-        blocks nobody holds are no longer free once it takes them."""
+    def can_admit(self, request: Request, prefix: list[int], num_tokens: int, reserve: int = 0) -> bool:
+        """Whether the request, reusing `prefix` (cached_prefix), can hold `num_tokens` tokens and leave `reserve`
+        blocks free: the prefix's blocks nobody holds are no longer free once it takes them."""
         taken_free = sum(self.ref_counts[block] == 0 for block in prefix)
-        return blocks_for(num_tokens, self.block_size) - len(prefix) <= self.num_free - taken_free
+        return blocks_for(num_tokens, self.block_size) - len(prefix) + reserve <= self.num_free - taken_free
 
     def take_prefix(self, request: Request, prefix: list[int]) -> None:
         """The request holds `prefix` (cached_prefix), its tokens computed; counted as a lookup and its hits."""

@@ -9,7 +9,9 @@ request still has prompt tokens to compute, else one decode token for every runn
 cache runs out during decode, the lowest-ranked running request is preempted: its blocks are freed
 and it goes back to the queue to be recomputed later, so nothing is lost and nothing is corrupted.
 A request marked `runs_alone` (it was in a step that failed) is only ever batched by itself. With prefix
-caching an admitted request starts from the cached blocks that hold its first tokens (engine/kv_cache.py).
+caching an admitted request starts from the cached blocks that hold its first tokens (engine/kv_cache.py). A
+request is admitted beside running ones only if `watermark_blocks` stay free after its first chunk, so that the
+running requests' next blocks do not have to be taken back at once (preemption thrash).
 
 With pipeline parallelism up to pp_size batches (micro-batches) are in flight at once; a request in
 one is skipped until its tokens come back, and micro-batch sizes follow scheduler.pp_config.
@@ -56,9 +58,11 @@ def _joins(batch: Batch | list[Request], request: Request) -> bool:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_reqs: int, prefill_chunk_size: int | None,
-                 max_prefill_batch: int | None = None, max_decode_batch: int | None = None, mixed_steps: bool = False):
+                 max_prefill_batch: int | None = None, max_decode_batch: int | None = None, mixed_steps: bool = False,
+                 watermark_blocks: int = 0):
         self.blocks = block_manager
         self.mixed_steps = mixed_steps
+        self.watermark_blocks = watermark_blocks
         self.max_reqs = max_reqs
         self.prefill_budget = prefill_chunk_size
         self.max_prefill_batch = max_prefill_batch or max_reqs
@@ -113,7 +117,8 @@ class Scheduler:
             request = self.waiting[0][1]
             prefix = self.blocks.cached_prefix(request)
             reused = len(prefix) * self.blocks.block_size
-            if not self.blocks.can_admit(request, prefix, reused + min(request.num_tokens - reused, budget)):
+            reserve = self.watermark_blocks if self.running else 0  # alone, any request that fits may start
+            if not self.blocks.can_admit(request, prefix, reused + min(request.num_tokens - reused, budget), reserve):
                 break
             heapq.heappop(self.waiting)
             self.blocks.take_prefix(request, prefix)
