@@ -33,9 +33,9 @@ SAMPLING_PARAMS = [
     SamplingParams(max_new_tokens=8, temperature=0, presence_penalty=0.5, repetition_penalty=0.7,
                    logit_bias={10: 2.0, 11: -3.0}, stop_with_eos=False),
 ]
-POISON_BIAS = 1  # a logit_bias token id that the sampler below fails on
+POISON_BIAS = (1, 0.125)  # a logit_bias entry (token id, bias) that the sampler below fails on
 CASES = {"default": PARAMS, "sampling": SAMPLING_PARAMS,
-         "sampling-fails": [SamplingParams(max_new_tokens=8, temperature=0, logit_bias={POISON_BIAS: 0.0},
+         "sampling-fails": [SamplingParams(max_new_tokens=8, temperature=0, logit_bias=dict([POISON_BIAS]),
                                            stop_with_eos=False), *PARAMS[1:]]}
 
 
@@ -46,7 +46,8 @@ def fail_sampling_on_poison() -> None:
     apply_logit_bias = sampler.apply_logit_bias
 
     def failing(logits, batch):
-        if batch.logit_bias_index is not None and bool((batch.logit_bias_index[1] == POISON_BIAS).any()):
+        token_id, bias = POISON_BIAS
+        if batch.logit_bias is not None and bool((batch.logit_bias[:, token_id] == bias).any()):
             raise RuntimeError("injected sampling fault")
         return apply_logit_bias(logits, batch)
 

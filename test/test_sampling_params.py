@@ -8,8 +8,8 @@ import torch
 from chitu.engine.request import Request
 from chitu.engine.sampling_params import InvalidSamplingParam, SamplingParams
 from chitu.engine.scheduler import Batch
-from chitu.runner.sampler import Sampler, SamplingBatch
-from chitu.runner.sampling_state import SamplingStates
+from chitu.runner.sampler import Sampler
+from chitu.runner.sampling_state import SamplingTable
 from chitu.runner.step_plan import StepPlan
 
 BAD = [
@@ -79,28 +79,22 @@ GOOD = [dict(temperature=0), dict(temperature=2), dict(top_p=1), dict(top_k=0), 
 def test_limits_are_inclusive_and_extremes_sample(fields):
     """Whatever passes validation samples without error (on a vocabulary smaller than top_k)."""
     params = SamplingParams(**fields)
-    states = SamplingStates(torch.device("cpu"))
-    states.update(StepPlan(new_requests={"r": params}, prompt_token_ids={"r": [1, 2, 3]}))
-    rows, outputs, prompts = states.rows(["r"])
-    batch = SamplingBatch.build(rows, [[4, 4]], "cpu", prompts)
-    token = Sampler()(torch.randn(1, 200), batch).token_ids.item()
-    assert 0 <= token < 200
-
-
-def test_history_needing_params():
-    assert not SamplingParams(min_p=0.1, logit_bias={1: 2.0}, stop_token_ids=[3]).needs_token_history
-    assert all(SamplingParams(**{f: 0.5}).needs_token_history
-               for f in ("frequency_penalty", "presence_penalty", "repetition_penalty"))
+    table = SamplingTable(torch.device("cpu"), 200)
+    table.update(StepPlan(new_requests={"r": params}, prompt_token_ids={"r": [1, 2, 3]}))
+    for position in range(3):
+        batch = table.batch(["r"], [position])
+        token = Sampler()(torch.randn(1, 200), batch).token_ids
+        table.record(batch, token)
+        assert 0 <= token.item() < 200
 
 
 @pytest.mark.parametrize("seed", [-1, -2**63, -12345])
 def test_negative_seeds_are_reproducible(seed):
     def draws() -> list[int]:
-        states = SamplingStates(torch.device("cpu"))
-        states.update(StepPlan(new_requests={"r": SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, seed=seed)}))
-        batch = SamplingBatch.build(*states.rows(["r"])[:2], "cpu")
+        table = SamplingTable(torch.device("cpu"), 1000)
+        table.update(StepPlan(new_requests={"r": SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, seed=seed)}))
         logits = torch.zeros(1, 1000)
-        return [Sampler()(logits, batch).token_ids.item() for _ in range(20)]
+        return [Sampler()(logits, table.batch(["r"], [position])).token_ids.item() for position in range(20)]
 
     first = draws()
     assert first == draws() and len(set(first)) > 1
@@ -114,7 +108,8 @@ def test_plans_ship_prompts_only_for_requests_with_a_repetition_penalty():
     new = {r.request_id: r.params for r in requests[:2]}  # "old" was announced in an earlier plan
     plan = pickle.loads(pickle.dumps(StepPlan.from_batch(batch, new, [])))  # as it reaches the sampling rank
     assert plan.prompt_token_ids == {"rep": [5, 6, 5, 9]}
-    states = SamplingStates(torch.device("cpu"))
-    states.update(plan)
-    assert states.requests["rep"].prompt_token_ids.tolist() == [5, 6, 9]
-    assert states.requests["freq"].prompt_token_ids is None
+    table = SamplingTable(torch.device("cpu"), 10)
+    table.update(plan)
+    batch = table.batch(["rep", "freq"], [4, 3])
+    assert batch.penalized_rows.tolist() == [0, 1]
+    assert batch.prompt_mask.tolist() == [[i in (5, 6, 9) for i in range(10)], [False] * 10]

@@ -124,12 +124,19 @@ class ModelsSection:
 
 
 @dataclass
+class DebugSection:
+    skip_model_load: bool = False  # random weights from the checkpoint's config alone: no weight files are read
+    force_moe_balance: bool = False
+
+
+@dataclass
 class ChituConfig:
     models: ModelsSection = field(default_factory=ModelsSection)
     serve: ServeSection = field(default_factory=ServeSection)
     infer: InferSection = field(default_factory=InferSection)
     request: RequestSection = field(default_factory=RequestSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    debug: DebugSection = field(default_factory=DebugSection)
     float_16bit_variant: str = "bfloat16"
     dtype: Optional[str] = None
     device: str = "auto"
@@ -166,6 +173,7 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
     "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
+    "debug.force_moe_balance": ((False,), "forced uniform expert routing"),
 }
 
 

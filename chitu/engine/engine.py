@@ -232,10 +232,9 @@ class LLMEngine:
 
     def _continue_decoding(self) -> None:
         """With overlap_steps: the decode batch in flight gets its next step, fed with its samples on the
-        device, before they are read (not with penalties: they need this step's tokens on the host)."""
+        device, before they are read."""
         last = self.in_flight[-1]
         if (not self.overlap_steps or len(self.in_flight) != 1 or last.pending is None
-                or any(r.params.needs_token_history for r in last.batch.requests)
                 or not self.scheduler.continue_decode(last.batch, self.max_model_tokens)):
             return
         batch = Batch(is_prefill=False, requests=list(last.batch.requests), num_new_tokens=[1] * len(last.batch.requests))
@@ -283,7 +282,7 @@ class LLMEngine:
         done = self.in_flight.popleft()
         try:
             if done.pending is not None:
-                done.result = self.worker.runner.collect(done.plan, done.pending)
+                done.result = self.worker.runner.collect(done.pending)
             elif done.plan.sampling_rows:
                 done.result = self.worker.mailbox.recv_object(self.parallel.sampler_rank)
                 if isinstance(done.result, SamplingFailed):

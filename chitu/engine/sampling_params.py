@@ -36,7 +36,7 @@ class SamplingParams:
     presence_penalty: float = 0.0     # [-2, 2], OpenAI's: minus penalty if in the generated tokens
     repetition_penalty: float = 1.0   # (0, 2], HF's: a prompt or generated token's logit l -> l/p if l > 0, else l*p
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]; ≤ 300 entries
-    seed: int | None = None           # a per-request generator: reproducible whatever else is in the batch
+    seed: int | None = None           # noise keyed by (seed, position, token): reproducible whatever else is in the batch
     logprobs: bool = False            # return log_softmax(logits) of each chosen token
     top_logprobs: int = 0             # and of this many most likely alternatives
     stop_with_eos: bool = True        # false: ignore EOS and always produce max_new_tokens
@@ -55,11 +55,6 @@ class SamplingParams:
     def penalises_prompt(self) -> bool:
         """The sampler needs the prompt's token ids (repetition_penalty covers the prompt too)."""
         return self.repetition_penalty != 1
-
-    @property
-    def needs_token_history(self) -> bool:
-        """Each step's sampling depends on the tokens generated so far, read back on the host."""
-        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.penalises_prompt
 
     def validate(self) -> None:
         """Raise InvalidSamplingParam naming the first field of the wrong type or out of range. Token ids

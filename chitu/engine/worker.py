@@ -91,7 +91,7 @@ class Worker:
         try:
             pending = self.runner.execute(plan, previous)
             if pending is not None:
-                self.mailbox.send_object(self.runner.collect(plan, pending), 0)
+                self.mailbox.send_object(self.runner.collect(pending), 0)
         except SamplingFailed as e:  # the driver fails this step's requests and goes on
             logger.error("rank %d: %s", state.rank, e, exc_info=e.__cause__)
             if plan.sampling_rows:

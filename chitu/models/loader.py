@@ -20,6 +20,8 @@ from chitu.models.registry import architecture_of, build_model
 from chitu.platform import resolve_dtype
 from chitu.quant.config import UnsupportedQuantizationError
 
+from chitu.config.schema import ConfigError
+
 if TYPE_CHECKING:
     from chitu.config.schema import ChituConfig
 
@@ -31,6 +33,8 @@ def load_configured_model(config: ChituConfig, device: torch.device, gguf_blocks
     quant_on_load=True), or from a preprocessed checkpoint — models.ckpt_dir with skip_preprocess=True,
     or quant_ckpt_dir. On the CPU a GGUF file keeps its blocks unless quant=none (or not gguf_blocks_by_default)."""
     dtype = resolve_dtype(config)
+    if config.debug.skip_model_load:
+        return random_model(config, device, dtype)
     if config.quant_ckpt_dir:
         return load_preprocessed_model(config.quant_ckpt_dir, config, device, dtype)
     checkpoint = config.models.checkpoint_path()
@@ -46,6 +50,31 @@ def load_configured_model(config: ChituConfig, device: torch.device, gguf_blocks
         return load_model(reader, config.models.type, config.infer.max_seq_len, device, dtype, config.infer.mla_absorb,
                           config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None,
                           gguf_blocks=keeps_blocks)
+
+
+def random_model(config: ChituConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """debug.skip_model_load: the checkpoint's model with random weights (seeded by infer.seed), for runs without
+    its weight files: a checkpoint directory needs only its config.json, a GGUF file is read for its metadata."""
+    if config.quant not in (None, "none") or config.quant_ckpt_dir or config.skip_preprocess:
+        raise ConfigError("debug.skip_model_load=True makes random weights in the compute dtype: drop quant, "
+                          "quant_ckpt_dir and skip_preprocess")
+    checkpoint = config.models.checkpoint_path()
+    if os.path.isdir(checkpoint):
+        hf_config = AutoConfig.from_pretrained(checkpoint)
+    else:
+        with open_checkpoint(checkpoint) as reader:
+            hf_config = reader.hf_config()
+    with torch.device(device):
+        model = build_model(hf_config, config.models.type, config.infer.max_seq_len, dtype, config.infer.mla_absorb,
+                            config.infer.raise_lower_bit_float_to)
+    generator = torch.Generator(device).manual_seed(config.infer.seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.dim() > 1 and tensor.is_floating_point():  # matrices; norms keep their ones
+                tensor.copy_(torch.empty(tensor.shape, device=device).normal_(0, 0.02, generator=generator))
+    _after_loading(model)
+    logger.info("debug.skip_model_load: random weights for %s (%s) on %s", checkpoint, dtype, device)
+    return model.eval()
 
 
 def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:

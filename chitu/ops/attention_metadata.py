@@ -44,14 +44,20 @@ class AttentionMetadata:
         query_index = torch.arange(int(starts[-1])) - starts[seq_index]
         positions = (ctx_lens - q_lens)[seq_index] + query_index
         slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
+        # One copy for all of it, staged in pinned memory on CUDA, so that building a step never waits for the device.
+        host = [positions, slots, tables.flatten(), ctx_lens, starts, seq_index, query_index]
+        packed = torch.cat(host)
+        if torch.device(device).type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        positions, slots, tables, ctx_lens, starts, seq_index, query_index = packed.split([len(t) for t in host])
         return cls(
-            positions=positions.to(device),
-            slot_mapping=slots.to(device),
-            block_tables=tables.to(device),
-            context_lens=ctx_lens.to(device),
-            query_start_loc=starts.to(device),
-            token_seq_index=seq_index.to(device),
-            token_query_index=query_index.to(device),
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=tables.view(len(block_tables), width),
+            context_lens=ctx_lens,
+            query_start_loc=starts,
+            token_seq_index=seq_index,
+            token_query_index=query_index,
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
         )

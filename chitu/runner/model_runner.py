@@ -2,6 +2,7 @@
 cache (taking and passing activations between pipeline stages) and, on the sampling rank, samples."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 
 import torch
@@ -12,8 +13,9 @@ from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.cuda_graph import DecodeGraphs
-from chitu.runner.sampler import Sampler, SamplerOutput, SamplingBatch
-from chitu.runner.sampling_state import SamplingStates
+from chitu.runner.device_copy import to_device
+from chitu.runner.sampler import Sampler, SamplerOutput
+from chitu.runner.sampling_state import SamplingTable
 from chitu.runner.step_plan import StepPlan, StepResult
 
 
@@ -28,7 +30,7 @@ class ModelRunner:
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.use_cuda_graph = use_cuda_graph
         self.sampler = Sampler()
-        self.sampling = SamplingStates(device)
+        self.sampling = SamplingTable(device, model.config.vocab_size)
         self.graphs: DecodeGraphs | None = None
         self.cache_layers = kv_cache_layers(model)
 
@@ -68,10 +70,12 @@ class ModelRunner:
         return self._sampling_step(self._sample, plan, logits)
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> PendingSamples:
-        request_ids = [plan.request_ids[i] for i in plan.sampling_rows]
-        params, output_tokens, prompt_tokens = self.sampling.rows(request_ids)
-        sampling = SamplingBatch.build(params, output_tokens, self.device, prompt_tokens)
-        return PendingSamples.start_copy(self.sampler(logits, sampling))
+        rows = plan.sampling_rows
+        # Each row samples the token at position context_len (the one after those in the cache).
+        batch = self.sampling.batch([plan.request_ids[i] for i in rows], [plan.context_lens[i] for i in rows])
+        samples = self.sampler(logits, batch)
+        self.sampling.record(batch, samples.token_ids)
+        return PendingSamples.start_copy(samples)
 
     @staticmethod
     def _sampling_step(fn, *args):
@@ -80,18 +84,16 @@ class ModelRunner:
         except Exception as e:
             raise SamplingFailed(f"sampling failed: {e}") from e
 
-    def collect(self, plan: StepPlan, pending: PendingSamples) -> StepResult:
-        """Wait for a plan's samples to reach the host; the sampling state records its tokens."""
-        result = pending.wait()
-        self._sampling_step(self.sampling.record, [plan.request_ids[i] for i in plan.sampling_rows], result.token_ids)
-        return result
+    def collect(self, pending: PendingSamples) -> StepResult:
+        """Wait for a plan's samples to reach the host."""
+        return pending.wait()
 
     def _run_eager(self, plan: StepPlan, token_ids: list[int] | torch.Tensor) -> torch.Tensor | None:
         """Logits of the sampling rows on the last stage; elsewhere None, the activations sent on."""
         state = self.parallel
         meta = self._metadata(plan)
         if not isinstance(token_ids, torch.Tensor):
-            token_ids = torch.tensor(token_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            token_ids = to_device(token_ids, torch.int64, self.device)
         intermediate = None
         if not state.is_first_stage:
             intermediate = tuple(self.mailbox.recv_tensors(self.model.intermediate_spec(plan.num_tokens),
@@ -102,7 +104,8 @@ class ModelRunner:
             return None
         if not plan.sampling_rows:  # a prefill chunk that ends no prompt: no logits on any rank
             return None
-        return self.model.compute_logits(out[meta.query_start_loc[1:][plan.sampling_rows] - 1])
+        last_rows = list(itertools.accumulate(plan.num_new_tokens))
+        return self.model.compute_logits(out[to_device([last_rows[i] - 1 for i in plan.sampling_rows], torch.int64, self.device)])
 
     def _metadata(self, plan: StepPlan) -> AttentionMetadata:
         return AttentionMetadata.build(plan.num_new_tokens, plan.context_lens, plan.block_tables,
