@@ -1,16 +1,20 @@
 """The KV cache's bookkeeping with prefix caching (engine/kv_cache.py) under the scheduler: a randomized run of
 arrivals with shared prefixes, aborts and preemptions in a tight cache, where every block's contents are modelled
 (each step writes its tokens into their slots) and after every step each running request's computed tokens must
-be what its blocks hold; reference counts exact, every block free at the end. Then the real model: cached
-prefixes give the tokens of prefilling everything."""
+be what its blocks hold; reference counts exact, every block free at the end; the device block tables, fed only
+the plans' new entries, hold every request's table. Then the real model: cached prefixes give the tokens of
+prefilling everything."""
 import random
 
 import pytest
+import torch
 
 from chitu import LLM, SamplingParams
 from chitu.engine.kv_cache import BlockManager
 from chitu.engine.request import Request
 from chitu.engine.scheduler import Scheduler
+from chitu.runner.block_tables import BlockTables
+from chitu.runner.step_plan import StepPlan
 
 BLOCK = 4
 
@@ -39,6 +43,7 @@ def test_random_arrivals_aborts_and_preemptions_keep_blocks_and_contents_exact(s
     scheduler = Scheduler(blocks, max_reqs=5, prefill_chunk_size=6, mixed_steps=mixed_steps)
     prefixes = [[rng.randrange(1, 50) for _ in range(rng.randrange(3, 14))] for _ in range(3)]
     contents = {b: [None] * BLOCK for b in range(blocks.num_blocks)}
+    tables = BlockTables(5, 12, torch.device("cpu"))  # what a rank holds: only the plans' updates reach it
     live = []
     for step in range(5000):  # arrivals for 300 steps, then until all finish (a stall fails below)
         if step >= 300 and not scheduler.has_work():
@@ -54,6 +59,11 @@ def test_random_arrivals_aborts_and_preemptions_keep_blocks_and_contents_exact(s
             live.remove(victim)
         batch = scheduler.schedule()
         if batch is not None:
+            plan = StepPlan.from_batch(batch, {}, [])
+            tables.apply(plan.table_updates)
+            for request, row in zip(batch.requests, tables.rows(plan.table_rows, 12).tolist()):
+                assert row[: len(request.block_table)] == request.block_table
+            assert len({r.table_row for r in scheduler.running}) == len(scheduler.running)
             sampled = [batch.samples(index) for index in range(len(batch.requests))]
             for request, n in zip(batch.requests, batch.num_new_tokens):
                 for position in range(request.num_computed_tokens, request.num_computed_tokens + n):

@@ -4,6 +4,7 @@ flight and frees its KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from chitu.config import compose_config
 from chitu.engine.engine import LLMEngine, RequestRejected, StepError
 from chitu.engine.sampling_params import SamplingParams
+from chitu.serve import async_engine as async_engine_module
 from chitu.serve.async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
 
 PROMPT = [1, 504, 3458, 282, 260]
@@ -142,3 +144,28 @@ def test_stop_aborts_requests_in_flight(engine):
 def _cpu_ticks(stat: Path) -> int:
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_streams_get_the_text_of_their_tokens_made_off_the_engine_thread(engine, monkeypatch):
+    """The engine thread hands over tokens only; each delta's text, made on the event loop, is what the tokens
+    decode to, and a stop token adds none."""
+    made_on = set()
+    step_text = async_engine_module.step_text
+
+    def recording(*args):
+        made_on.add(threading.current_thread().name)
+        return step_text(*args)
+
+    async def scenario(async_engine: AsyncEngine) -> None:
+        streams = [await async_engine.add(f"r{i}", PROMPT[: 3 + i], SamplingParams(max_new_tokens=10, temperature=0))
+                   for i in range(3)]
+        for stream in streams:
+            deltas = [d async for d in stream]
+            token_ids = [t for d in deltas for t in d.token_ids]
+            stop = deltas[-1].finish_reason == "stop"
+            expected = engine.tokenizer.decode(token_ids[:-1] if stop else token_ids)
+            assert "".join(d.text for d in deltas) == expected and expected
+
+    monkeypatch.setattr(async_engine_module, "step_text", recording)
+    run_with(engine, scenario)
+    assert made_on == {threading.main_thread().name}

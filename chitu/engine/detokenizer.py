@@ -62,3 +62,10 @@ class IncrementalDetokenizer:
         # make a window's text stop being a prefix of the next window's.
         return self.tokenizer.decode(self._token_ids[start:end], skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
+
+
+def step_text(detokenizer: IncrementalDetokenizer, token_id: int, stop_reason: str | None) -> str:
+    """The text a new token adds; a stop token (EOS or a stop_token_ids entry) adds none of its own, and a
+    finished request's held-back text is flushed."""
+    text = "" if stop_reason == "stop" else detokenizer.add(token_id)
+    return text + detokenizer.flush() if stop_reason else text

@@ -15,7 +15,7 @@ from torch import nn
 from chitu.config.schema import ChituConfig
 from chitu.distributed.comm import CommError
 from chitu.distributed.parallel_state import check_world_size
-from chitu.engine.detokenizer import IncrementalDetokenizer
+from chitu.engine.detokenizer import IncrementalDetokenizer, step_text
 from chitu.engine.kv_cache import BlockManager
 from chitu.engine.request import Request, TokenLogprob
 from chitu.engine.sampling_params import InvalidSamplingParam, SamplingParams
@@ -56,8 +56,9 @@ class StepError(RuntimeError):
 class StepOutput:
     request: Request
     new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
+    new_text: str = ""  # with detokenize_in_step; else the consumer's to make (engine/detokenizer.py step_text)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_reason: str | None = None  # what ended the request at this token ("stop", "length"), if anything
 
     @property
     def finished(self) -> bool:
@@ -111,6 +112,8 @@ class LLMEngine:
         # Enqueue a decode step's successor before reading its tokens, so the host's work between steps
         # overlaps the device's. Pays only where the device runs ahead of the host (CUDA).
         self.overlap_steps = self.device.type == "cuda" and self.parallel.world_size == 1
+        # Off (the server's engine thread): outputs carry no text; whoever reads them detokenizes, off this thread.
+        self.detokenize_in_step = True
 
     @property
     def is_driver(self) -> bool:
@@ -311,20 +314,13 @@ class LLMEngine:
                     if result.top_token_ids is not None else []
                 output.new_logprobs.append(TokenLogprob(token_id, result.logprobs[i], top))
                 request.logprobs.extend(output.new_logprobs)
-            reason = self._stop_reason(request, token_id)
-            if request.detokenizer is not None:
-                output.new_text = self._detokenize(request.detokenizer, token_id, reason)
+            reason = output.stop_reason = self._stop_reason(request, token_id)
+            if request.detokenizer is not None and self.detokenize_in_step:
+                output.new_text = step_text(request.detokenizer, token_id, reason)
             if reason:
                 self._finish(request, reason)
             outputs.append(output)
         return outputs
-
-    @staticmethod
-    def _detokenize(detokenizer: IncrementalDetokenizer, token_id: int, reason: str | None) -> str:
-        """The text a new token adds; a stop token (EOS or a stop_token_ids entry) adds none of its own,
-        and a finished request's held-back text is flushed."""
-        text = "" if reason == "stop" else detokenizer.add(token_id)
-        return text + detokenizer.flush() if reason else text
 
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
         params = request.params

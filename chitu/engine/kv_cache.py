@@ -2,6 +2,9 @@
 which full blocks hold which tokens, so that a request whose prompt starts as an earlier one's did reads their
 K/V instead of computing them again.
 
+A request holding blocks also holds a row of the ranks' device block tables (`table_row`), from admission until
+its blocks are released; the plans send each row's new entries only (`blocks_sent`, runner/block_tables.py).
+
 A full block is known by its key: the hash of the block before it and its own token ids, a chain that pins
 every token from the start. A block is shared by reference count; one that no request holds any more but that
 has a key stays cached, in least-recently-freed order, until its memory is needed (num_free counts it free).
@@ -22,6 +25,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, salt: int = 0):
         self.num_blocks = num_blocks
+        self.free_rows: list[int] = []  # table rows given back, reused first
+        self.num_rows = 0  # rows ever handed out: at most the requests holding blocks at once
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.salt = salt
@@ -65,6 +70,9 @@ class BlockManager:
         request.block_table = []
         request.num_computed_tokens = 0
         request.num_cached_blocks = 0
+        if request.table_row >= 0:
+            self.free_rows.append(request.table_row)
+        request.table_row, request.blocks_sent = -1, 0
 
     def cached_prefix(self, request: Request) -> list[int]:
         """For a request holding no blocks, the cached blocks that hold its first tokens. At least its last token
@@ -92,6 +100,7 @@ class BlockManager:
                 del self.evictable[block]
             self.ref_counts[block] += 1
         request.block_table = list(prefix)
+        request.table_row = self._take_row()
         request.num_cached_blocks = len(prefix)
         request.num_computed_tokens = len(prefix) * self.block_size
         if self.prefix_caching:
@@ -118,6 +127,12 @@ class BlockManager:
             previous = hash(keys[-1]) if keys else self.salt
             keys.append((previous, tuple(request.token_ids(start, start + self.block_size))))
         return keys
+
+    def _take_row(self) -> int:
+        if self.free_rows:
+            return self.free_rows.pop()
+        self.num_rows += 1
+        return self.num_rows - 1
 
     def _take_free(self) -> int:
         if self.free_blocks:

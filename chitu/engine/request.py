@@ -33,6 +33,8 @@ class Request:
     priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    table_row: int = -1   # its row of the ranks' device block tables while it holds blocks (engine/kv_cache.py)
+    blocks_sent: int = 0  # entries of block_table that plans have sent to that row
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_keys: list = field(default_factory=list)  # prefix caching: its full blocks' keys (engine/kv_cache.py)
     num_cached_blocks: int = 0  # of its block table, the first ones offered for reuse

@@ -29,31 +29,33 @@ class AttentionMetadata:
         cls,
         query_lens: list[int],
         context_lens: list[int],
-        block_tables: list[list[int]],
+        block_tables: list[list[int]] | torch.Tensor,
         block_size: int,
         device: torch.device | str,
     ) -> "AttentionMetadata":
-        """Metadata for sequences whose last query_lens[b] of context_lens[b] tokens are new."""
+        """Metadata for sequences whose last query_lens[b] of context_lens[b] tokens are new. `block_tables`: host
+        lists, or the sequences' rows already on the device [B, width] (the runner's persistent tables)."""
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         ctx_lens = torch.tensor(context_lens, dtype=torch.int64)
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
         starts = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
         torch.cumsum(q_lens, 0, out=starts[1:])
         seq_index = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
         query_index = torch.arange(int(starts[-1])) - starts[seq_index]
         positions = (ctx_lens - q_lens)[seq_index] + query_index
-        slots = tables[seq_index, positions // block_size] * block_size + positions % block_size
+        host = [positions, ctx_lens, starts, seq_index, query_index]
+        if not isinstance(block_tables, torch.Tensor):
+            width = max(len(t) for t in block_tables)
+            host.append(torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64).flatten())
         # One copy for all of it, staged in pinned memory on CUDA, so that building a step never waits for the device.
-        host = [positions, slots, tables.flatten(), ctx_lens, starts, seq_index, query_index]
         packed = torch.cat(host)
         if torch.device(device).type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        positions, slots, tables, ctx_lens, starts, seq_index, query_index = packed.split([len(t) for t in host])
+        positions, ctx_lens, starts, seq_index, query_index, *tables = packed.split([len(t) for t in host])
+        tables = block_tables if isinstance(block_tables, torch.Tensor) else tables[0].view(len(query_lens), -1)
         return cls(
             positions=positions,
-            slot_mapping=slots,
-            block_tables=tables.view(len(block_tables), width),
+            slot_mapping=slot_mapping(tables, seq_index, positions, block_size),
+            block_tables=tables,
             context_lens=ctx_lens,
             query_start_loc=starts,
             token_seq_index=seq_index,
@@ -61,3 +63,9 @@ class AttentionMetadata:
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
         )
+
+
+def slot_mapping(block_tables: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor,
+                 block_size: int) -> torch.Tensor:
+    """KV-cache slot of each token: sequence seq_index[t]'s block holding position positions[t], and the offset."""
+    return block_tables[seq_index, positions // block_size] * block_size + positions % block_size

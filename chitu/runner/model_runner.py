@@ -12,6 +12,7 @@ from chitu.distributed.comm import Mailbox
 from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.ops.attention_metadata import AttentionMetadata
+from chitu.runner.block_tables import BlockTables
 from chitu.runner.cuda_graph import DecodeGraphs
 from chitu.runner.device_copy import to_device
 from chitu.runner.sampler import Sampler, SamplerOutput
@@ -32,6 +33,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.sampling = SamplingTable(device, model.config.vocab_size)
         self.graphs: DecodeGraphs | None = None
+        self.block_tables: BlockTables | None = None
         self.cache_layers = kv_cache_layers(model)
 
     def kv_block_bytes(self) -> int:
@@ -43,12 +45,14 @@ class ModelRunner:
             layer.bind_kv_cache(layer.kv_cache_spec().allocate(num_blocks, self.block_size, self.device))
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Blocks 0..num_blocks-1 belong to the block manager; with CUDA graphs one more is the padding rows' scratch."""
+        """Blocks 0..num_blocks-1 belong to the block manager; with CUDA graphs one more is the padding rows' scratch.
+        The block tables get a row for each of max_batch requests holding blocks at once."""
         self._allocate_pages(num_blocks + (1 if self.use_cuda_graph else 0))
+        max_blocks_per_seq = -(-self.max_seq_len // self.block_size)
+        self.block_tables = BlockTables(self.max_batch, max_blocks_per_seq, self.device,
+                                        scratch_block=num_blocks if self.use_cuda_graph else None)
         if self.use_cuda_graph:
-            max_blocks_per_seq = -(-self.max_seq_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.max_batch, max_blocks_per_seq, self.block_size,
-                                       scratch_block=num_blocks, device=self.device)
+            self.graphs = DecodeGraphs(self.model, self.max_batch, self.block_tables, self.block_size, self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
@@ -58,8 +62,9 @@ class ModelRunner:
         leaves the ranks in step."""
         token_ids = previous.on_device.token_ids if plan.tokens_from_previous else plan.token_ids
         try:
+            self.block_tables.apply(plan.table_updates)
             if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
-                logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.block_tables)
+                logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.table_rows)
             else:
                 logits = self._run_eager(plan, token_ids)
         finally:  # the plan's new requests are the sampler's even when the step fails: they are retried
@@ -108,8 +113,9 @@ class ModelRunner:
         return self.model.compute_logits(out[to_device([last_rows[i] - 1 for i in plan.sampling_rows], torch.int64, self.device)])
 
     def _metadata(self, plan: StepPlan) -> AttentionMetadata:
-        return AttentionMetadata.build(plan.num_new_tokens, plan.context_lens, plan.block_tables,
-                                       self.block_size, self.device)
+        num_blocks = -(-max(plan.context_lens) // self.block_size)
+        return AttentionMetadata.build(plan.num_new_tokens, plan.context_lens,
+                                       self.block_tables.rows(plan.table_rows, num_blocks), self.block_size, self.device)
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -7,7 +7,8 @@ the two pools slow each other down (~25% per step on two cores).
 Submissions and aborts are commands queued to the thread. It runs them between steps, steps while
 any request is unfinished and sleeps on the queue when idle (waking now and then so the engine can
 tell the other ranks it is alive). Each step's outputs reach their consumers on the event loop
-through one `call_soon_threadsafe`. A failing step costs only the requests it ran: they get an
+through one `call_soon_threadsafe`; the loop turns their tokens into text, so detokenization is off the
+engine thread's path from one step to the next. A failing step costs only the requests it ran: they get an
 EngineError and are aborted, and the thread serves everyone else. Any other failure means the
 engine cannot go on (another rank failed, idle or busy; a sticky CUDA error; a bug): the thread
 fails every request, stops taking new ones (/health says 503) and calls `on_fatal`.
@@ -19,6 +20,7 @@ as waiting, and past `max_waiting_requests` of them, or `max_waiting_tokens` of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from chitu.distributed.comm import CommError
+from chitu.engine.detokenizer import IncrementalDetokenizer, step_text
 from chitu.engine.engine import EngineDead, LLMEngine, StepError
 from chitu.engine.request import TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
@@ -191,6 +194,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self.engine = self._build()
+            self.engine.detokenize_in_step = False  # the event loops make the text as they take the deltas
         except Exception as e:
             self._build_error = e
             return
@@ -261,8 +265,9 @@ class AsyncEngine:
             finish_reason = request.finish_reason if output.finished else None
             stream = self._streams.pop(request.request_id) if finish_reason else self._streams.get(request.request_id)
             if stream is not None:
-                deliveries.append((stream, Delta(output.new_token_ids, output.new_text, output.new_logprobs,
-                                                 finish_reason)))
+                delta = Delta(output.new_token_ids, output.new_text, output.new_logprobs, finish_reason)
+                deliveries.append((stream, delta if request.detokenizer is None else
+                                   Untokenized(delta, request.detokenizer, output.stop_reason)))
         deliver(deliveries)
 
     def _fail(self, request_ids: list[str], error: EngineError) -> None:
@@ -271,7 +276,21 @@ class AsyncEngine:
         deliver([(self._streams.pop(i), error) for i in request_ids if i in self._streams])
 
 
-def deliver(items: list[tuple[RequestStream, Delta | EngineError]]) -> None:
+@dataclass(frozen=True)
+class Untokenized:
+    """A delta whose text its stream's event loop makes (off the engine thread; in order, being one thread)."""
+
+    delta: Delta
+    detokenizer: IncrementalDetokenizer
+    stop_reason: str | None
+
+    def with_text(self) -> Delta:
+        text = "".join(step_text(self.detokenizer, token_id, self.stop_reason if i == len(self.delta.token_ids) - 1
+                                 else None) for i, token_id in enumerate(self.delta.token_ids))
+        return dataclasses.replace(self.delta, text=text)
+
+
+def deliver(items: list[tuple[RequestStream, Delta | Untokenized | EngineError]]) -> None:
     """Hand items to their streams with one wake-up per event loop, not one per stream."""
     by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
     for stream, item in items:
@@ -280,9 +299,9 @@ def deliver(items: list[tuple[RequestStream, Delta | EngineError]]) -> None:
         loop.call_soon_threadsafe(_put_all, batch)
 
 
-def _put_all(batch: list[tuple[RequestStream, Delta | EngineError]]) -> None:
+def _put_all(batch: list[tuple[RequestStream, Delta | Untokenized | EngineError]]) -> None:
     for stream, item in batch:
-        stream.put(item)
+        stream.put(item.with_text() if isinstance(item, Untokenized) else item)
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:
