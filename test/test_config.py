@@ -41,6 +41,12 @@ def test_overrides_and_model_selection():
     assert config.serve.api_keys[0].key == "k1" and config.serve.api_keys[0].priority == 5
 
 
+def test_cpu_layer_num_is_taken_as_the_manual_adds_it_and_as_a_plain_key():
+    assert compose_config(["+cpu_layer_num=58"]).cpu_layer_num == 58
+    assert compose_config(["cpu_layer_num=3"]).cpu_layer_num == 3
+    assert compose_config([]).cpu_layer_num is None
+
+
 def test_every_model_fragment_composes():
     names = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
     assert len(names) >= 7
@@ -57,7 +63,7 @@ def test_every_model_fragment_composes():
     ("infer.kv_watermark=1.5", "infer.kv_watermark=1.5 must be in [0, 1)"),
     ("infer.cache_type=skew", "infer.cache_type=skew"),
     ("serve.port=80", "serve.port=80"),
-    ("+cpu_layer_num=58", "cpu_layer_num=58: CPU+GPU hybrid MoE is not built"),
+    ("+cpu_layer_num=-1", "cpu_layer_num=-1 must be null or >= 0"),
     ("dtype=float8", "dtype=float8 is not one of"),
     ("quant=w8a16", "quant=w8a16 needs int8 weights: quantize the checkpoint as it loads (quant_on_load=True)"),
     ("quant_on_load=True", "quant_on_load=True needs a method that quantizes while loading: quant=w8a16 or"),

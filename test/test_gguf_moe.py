@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from chitu.checkpoint import CheckpointError, open_checkpoint
 from chitu.checkpoint import gguf_names
+from chitu.checkpoint.gguf import split_parts
 from chitu.models.loader import load_model
 from chitu.ops.cpu import moe as cpu_moe
 from chitu.ops.torch_ref import moe as moe_ref
@@ -42,6 +43,7 @@ class Case:
     overrides: tuple = ()       # (field, value) over the family's config
     qtype: QType = QType.F32    # of the expert tensors whose rows are whole blocks (the rest stay F32)
     extra_keys: tuple = ()      # (key, value) written beside the converter's keys
+    split_max_tensors: int = 0  # > 0: written as a split model (gguf-split's parts) of this many tensors a part
 
 
 CASES = {
@@ -55,6 +57,7 @@ CASES = {
                                                extra_keys=((gguf.Keys.LLM.EXPERT_WEIGHTS_NORM, False),)),
     "mixtral": Case("mixtral"),
     "mixtral-q8_0": Case("mixtral", qtype=QType.Q8_0),
+    "mixtral-q8_0-split": Case("mixtral", qtype=QType.Q8_0, split_max_tensors=10),
     "glm4-moe": Case("glm4-moe"),
     "glm4-moe-q8_0": Case("glm4-moe", qtype=QType.Q8_0),
 }
@@ -71,21 +74,31 @@ class GGUFModel:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def converted(request, tmp_path_factory) -> GGUFModel:
-    case = CASES[request.param]
+    return convert(request.param, tmp_path_factory)
+
+
+def convert(case_name: str, tmp_path_factory) -> GGUFModel:
+    """CASES[case_name]'s tiny model, written to a GGUF file as convert_hf_to_gguf.py writes it."""
+    case = CASES[case_name]
     model_type, config_cls, model_cls, extra = FAMILIES[case.family]
     torch.manual_seed(0)
     hf_model = model_cls(config_cls(**TINY, **{**extra, **dict(case.overrides)})).eval()
     randomize(hf_model)
-    hf_dir = tmp_path_factory.mktemp(request.param)
+    hf_dir = tmp_path_factory.mktemp(case_name)
     hf_model.save_pretrained(hf_dir, safe_serialization=True)
     hparams = json.loads((hf_dir / "config.json").read_text())
     state_dict = load_file(hf_dir / "model.safetensors")  # the published per-expert layout
     if model_type == "hf-glm-4-moe":
         state_dict.update(nextn_layer(state_dict, hparams))
-    path = str(hf_dir / f"{request.param}.gguf")
+    path = str(hf_dir / f"{case_name}.gguf")
     dequantized, quantized = write_gguf(path, GGUF_ARCH[model_type], hparams, state_dict, case)
+    if case.split_max_tensors:  # the parts in a directory of their own; the model is named by its first part
+        parts_dir = tmp_path_factory.mktemp(f"{case_name}-parts")
+        for part in hf_dir.glob(f"{case_name}-*-of-*.gguf"):
+            part.rename(parts_dir / part.name)
+        path = str(next(parts_dir.glob("*-00001-of-*.gguf")))
     if dequantized:  # the reference holds what the file holds
-        ref_dir = tmp_path_factory.mktemp(f"{request.param}-dequantized")
+        ref_dir = tmp_path_factory.mktemp(f"{case_name}-dequantized")
         (ref_dir / "config.json").write_text(json.dumps(hparams))
         published = load_file(hf_dir / "model.safetensors")  # without the NextN layer
         weights = {k: dequantized.get(k, v) for k, v in published.items()}
@@ -104,7 +117,7 @@ def write_gguf(path: str, arch: gguf.MODEL_ARCH, hparams: dict, state_dict: dict
     name = gguf.MODEL_ARCH_NAMES[arch]
     nextn = hparams.get("num_nextn_predict_layers", 0) if arch == gguf.MODEL_ARCH.GLM4_MOE else 0
     block_count = hparams["num_hidden_layers"] + nextn
-    writer = gguf.GGUFWriter(path, name)
+    writer = gguf.GGUFWriter(path, name, split_max_tensors=case.split_max_tensors)
     writer.add_name(f"tiny {hparams['model_type']}")
     set_gguf_parameters(writer, arch, hparams, block_count, case.qtype)
     for key, value in case.extra_keys:
@@ -282,8 +295,8 @@ def test_quantized_cases_hold_quantized_experts(converted, request):
         assert not converted.quantized
         return
     assert {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"} <= set(converted.quantized)
-    reader = gguf.GGUFReader(converted.path)
-    assert {t.name for t in reader.tensors if t.tensor_type == QType.Q8_0} == set(converted.quantized)
+    tensors = [t for part in split_parts(converted.path) for t in gguf.GGUFReader(part).tensors]
+    assert {t.name for t in tensors if t.tensor_type == QType.Q8_0} == set(converted.quantized)
 
 
 def test_glm4_moe_post_attention_norm_is_the_ffn_norm():
@@ -421,3 +434,23 @@ def test_unknown_rope_scaling_is_refused(tmp_path):
                                {"token_embd.weight": (32, 64), **ROUTED})
     with pytest.raises(CheckpointError, match="'qwen3moe'.*RoPE scaling type 'longrope'"):
         open_checkpoint(path)
+
+
+def test_a_split_model_reads_from_its_first_part_or_its_directory(tmp_path_factory):
+    """gguf-split's parts (only the first holds the metadata): named by the first part or by their directory,
+    the same tensors as the whole file; a later part or a missing one is named."""
+    split = convert("mixtral-q8_0-split", tmp_path_factory)
+    parts = sorted(Path(split.path).parent.glob("*.gguf"))
+    assert len(parts) > 2
+    whole = convert("mixtral-q8_0", tmp_path_factory)
+    with open_checkpoint(whole.path) as a, open_checkpoint(split.path) as b, \
+            open_checkpoint(str(parts[0].parent)) as c:
+        assert sorted(a.names()) == sorted(b.names()) == sorted(c.names())
+        for name in a.names():
+            assert torch.equal(a.read(name, torch.float32), b.read(name, torch.float32)), name
+            assert a.stored_bytes(name) == c.stored_bytes(name)
+    with pytest.raises(CheckpointError, match="is part 2 of a split GGUF model: name its first part"):
+        open_checkpoint(str(parts[1]))
+    parts[-1].rename(parts[-1].with_suffix(".moved"))
+    with pytest.raises(CheckpointError, match=f"misses its part\\(s\\) {parts[-1].name}"):
+        open_checkpoint(split.path)

@@ -1,6 +1,7 @@
 """Reader for GGUF files (llama.cpp), presenting tensors under Chitu's names and in HF layout."""
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import gguf
@@ -30,20 +31,26 @@ class _Tensor:
 
 
 class GGUFCheckpointReader(CheckpointReader):
-    """Reads one GGUF file through a memory map, under Chitu's names (gguf_names.py), dequantizing
-    each tensor as it is read. GGUF tensors Chitu has no use for (llama 3's rope_freqs) are not listed."""
+    """Reads a GGUF file (or the parts of a split one: `name-00001-of-00003.gguf` ...) through memory maps, under
+    Chitu's names (gguf_names.py), dequantizing each tensor as it is read. GGUF tensors Chitu has no use for
+    (llama 3's rope_freqs) are not listed."""
 
     def __init__(self, path: str):
         self.path = self.gguf_path = path
+        readers = []
+        for part in split_parts(path):
+            try:
+                readers.append(gguf.GGUFReader(part))
+            except (OSError, ValueError) as error:
+                raise CheckpointError(f"cannot open GGUF file {part}: {error}") from error
         try:
-            reader = gguf.GGUFReader(path)
-            self._config = _load_config(path, reader)
+            self._config = _load_config(path, readers)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot open GGUF file {path}: {error}") from error
-        self._index = self._map_tensors(reader)
+        architecture = readers[0].fields["general.architecture"].contents()  # the first part holds the metadata
+        self._index = {name: t for reader in readers for name, t in self._map_tensors(reader, architecture).items()}
 
-    def _map_tensors(self, reader: gguf.GGUFReader) -> dict[str, _Tensor]:
-        architecture = reader.fields["general.architecture"].contents()
+    def _map_tensors(self, reader: gguf.GGUFReader, architecture: str) -> dict[str, _Tensor]:
         tensors = {}
         for stored in reader.tensors:
             shape = tuple(int(dim) for dim in reversed(stored.shape))
@@ -99,6 +106,9 @@ class GGUFCheckpointReader(CheckpointReader):
             raw = _unpermute_rows(raw, tensor.permuted_head_dim)
         return RawTensor(raw, gguf.GGMLQuantizationType(tensor.stored.tensor_type).name, window)
 
+    def stored_bytes(self, name: str) -> int:
+        return int(self._lookup(name).data().nbytes)
+
     def hf_config(self) -> PretrainedConfig:
         return self._config
 
@@ -115,14 +125,42 @@ class GGUFCheckpointReader(CheckpointReader):
         return self._index[name]
 
 
-def _load_config(path: str, reader: gguf.GGUFReader) -> PretrainedConfig:
+SPLIT_PART = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_parts(path: str) -> list[str]:
+    """The files of a split GGUF model named by its first part (llama.cpp's gguf-split names them
+    `stem-00001-of-0000N.gguf`); [path] for a whole file. A missing part is named."""
+    match = SPLIT_PART.match(path)
+    if match is None:
+        return [path]
+    count = int(match["count"])
+    if match["part"] != "00001":
+        raise CheckpointError(f"{path} is part {int(match['part'])} of a split GGUF model: name its first part, "
+                              f"{match['stem']}-00001-of-{match['count']}.gguf, or the directory holding the parts")
+    parts = [f"{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    missing = [os.path.basename(p) for p in parts if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"the split GGUF model {os.path.basename(path)} misses its part(s) {', '.join(missing)}")
+    return parts
+
+
+def first_split_part(files: list[str]) -> str | None:
+    """The first part, when `files` are the parts of one split GGUF model (a missing part is named)."""
+    first_parts = [f for f in files if (match := SPLIT_PART.match(f)) and match["part"] == "00001"]
+    if len(first_parts) == 1 and set(split_parts(first_parts[0])) >= set(files):
+        return first_parts[0]
+    return None
+
+
+def _load_config(path: str, readers: list[gguf.GGUFReader]) -> PretrainedConfig:
     """Chitu's own config for the MoE architectures and dense llama (gguf_config.py), transformers' for the others."""
-    config = config_from_metadata(reader, path)
+    config = config_from_metadata(readers, path)
     if config is not None:
         return config
     directory, file = os.path.split(path)
     config = AutoConfig.from_pretrained(directory, gguf_file=file)
-    if not any(t.name == "output.weight" for t in reader.tensors):
+    if not any(t.name == "output.weight" for reader in readers for t in reader.tensors):
         config.tie_word_embeddings = True
     return config
 

@@ -24,11 +24,11 @@ SOFTMAX, SIGMOID = int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGating
 MOE_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE", "llama": "Mixtral", "glm4moe": "GLM-4.5"}
 
 
-def config_from_metadata(reader: gguf.GGUFReader, path: str) -> PretrainedConfig | None:
-    """The config of a Qwen3-MoE, Mixtral, GLM-4.5 or dense Llama GGUF file; None for the architectures
-    transformers' GGUF loader handles (qwen2, qwen3, ...). MoE architectures and combinations Chitu
-    cannot serve raise CheckpointError."""
-    meta = _Metadata(reader, path)
+def config_from_metadata(readers: list[gguf.GGUFReader], path: str) -> PretrainedConfig | None:
+    """The config of a Qwen3-MoE, Mixtral, GLM-4.5 or dense Llama GGUF file (its parts, when split: the first
+    holds the metadata); None for the architectures transformers' GGUF loader handles (qwen2, qwen3, ...). MoE
+    architectures and combinations Chitu cannot serve raise CheckpointError."""
+    meta = _Metadata(readers, path)
     num_experts = meta.get(LLM.EXPERT_COUNT, 0)
     if meta.arch == "qwen3moe":
         return _qwen3_moe(meta)
@@ -46,11 +46,12 @@ def config_from_metadata(reader: gguf.GGUFReader, path: str) -> PretrainedConfig
 class _Metadata:
     """The metadata and tensor list of a GGUF file; keys spelled as in gguf.Keys (`{arch}.block_count`)."""
 
-    def __init__(self, reader: gguf.GGUFReader, path: str):
+    def __init__(self, readers: list[gguf.GGUFReader], path: str):
         self.path = path
-        self.fields = reader.fields
+        self.fields = readers[0].fields
         self.arch = self.fields["general.architecture"].contents()
-        self.tensors = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # HF order
+        self.tensors = {t.name: tuple(int(d) for d in reversed(t.shape))  # HF order
+                        for reader in readers for t in reader.tensors}
 
     def get(self, key: str, default=None):
         field = self.fields.get(key.format(arch=self.arch))

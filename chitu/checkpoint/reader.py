@@ -82,6 +82,10 @@ class CheckpointReader(ABC):
         """Read one tensor (or a part holding its `shard`) as stored, without converting or dequantizing it."""
 
     @abstractmethod
+    def stored_bytes(self, name: str) -> int:
+        """How many bytes the tensor takes as stored (quantized blocks, or values of the stored dtype)."""
+
+    @abstractmethod
     def hf_config(self) -> PretrainedConfig: ...
 
     @abstractmethod
@@ -108,9 +112,10 @@ class CheckpointReader(ABC):
 
 
 def open_checkpoint(path: str) -> CheckpointReader:
-    """Open a safetensors directory (HF layout), a .gguf file, or a directory holding one .gguf."""
+    """Open a safetensors directory (HF layout), a .gguf file (the first part of a split one), or a directory
+    holding one .gguf or the parts of one split GGUF model."""
     # Imported here because both readers import this module.
-    from chitu.checkpoint.gguf import GGUFCheckpointReader
+    from chitu.checkpoint.gguf import GGUFCheckpointReader, first_split_part
     from chitu.checkpoint.safetensors import SafetensorsReader
 
     if os.path.isfile(path):
@@ -124,6 +129,9 @@ def open_checkpoint(path: str) -> CheckpointReader:
             raise CheckpointError(f"no config.json next to the *.safetensors files in {path}")
         return SafetensorsReader(path)
     gguf_files = sorted(glob(os.path.join(path, "*.gguf")))
+    first_part = first_split_part(gguf_files)
+    if first_part is not None:
+        return GGUFCheckpointReader(first_part)
     if len(gguf_files) > 1:
         names = ", ".join(os.path.basename(f) for f in gguf_files)
         raise CheckpointError(f"several .gguf files in {path} ({names}): pass the path of one of them")

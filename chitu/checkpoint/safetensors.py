@@ -1,5 +1,6 @@
 """Reader for HF checkpoint directories: config.json + one or more *.safetensors files."""
 import json
+import math
 import os
 from glob import glob
 
@@ -10,6 +11,8 @@ from transformers import AutoConfig, PretrainedConfig
 from chitu.checkpoint.reader import CheckpointError, CheckpointReader, RawTensor, Shard
 
 INDEX_FILE = "model.safetensors.index.json"
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class SafetensorsReader(CheckpointReader):
@@ -56,6 +59,11 @@ class SafetensorsReader(CheckpointReader):
             index = (slice(None),) * shard.dim + (slice(shard.start, shard.start + shard.length),)
             tensor = handle.get_slice(name)[index]
         return RawTensor(tensor.to(device), None, shard)
+
+    def stored_bytes(self, name: str) -> int:
+        name = self.checkpoint_name(name)
+        stored = self._handle(name).get_slice(name)
+        return math.prod(stored.get_shape()) * DTYPE_BYTES[stored.get_dtype()]
 
     def hf_config(self) -> PretrainedConfig:
         return AutoConfig.from_pretrained(self.path)

@@ -50,10 +50,20 @@ def model_name_case_insensitive(arg: str) -> str:
     return f"models={matches[0]}" if len(matches) == 1 else arg
 
 
+# Keys the manual adds with `+key=value` (serve_config.yaml leaves them out); `key=value` is taken too.
+APPENDED_KEYS = ("cpu_layer_num",)
+
+
+def normalize_override(arg: str) -> str:
+    """A model named in any case, and `cpu_layer_num=58` taken as the manual's `+cpu_layer_num=58`."""
+    arg = model_name_case_insensitive(arg)
+    return f"+{arg}" if arg.partition("=")[0] in APPENDED_KEYS else arg
+
+
 def compose_config(overrides: Sequence[str] = ()) -> ChituConfig:
     """The validated configuration for `overrides` (Hydra override grammar)."""
     directory, name = config_location()
-    overrides = [model_name_case_insensitive(arg) for arg in overrides]
+    overrides = [normalize_override(arg) for arg in overrides]
     try:
         with initialize_config_dir(config_dir=directory, version_base=None):
             cfg = compose(config_name=name, overrides=overrides + search_path_override(directory))
@@ -71,7 +81,7 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
         except ConfigError as e:
             sys.exit(f"config error: {e}")
         secrets = [arg for arg in sys.argv[1:] if _is_secret_override(arg)]
-        sys.argv = ([model_name_case_insensitive(arg) for arg in sys.argv if arg not in secrets]
+        sys.argv = ([normalize_override(arg) for arg in sys.argv if arg not in secrets]
                     + search_path_override(directory))
 
         @hydra.main(config_path=directory, config_name=name, version_base=None)

@@ -172,7 +172,6 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
     "infer.dp_size": ((1,), "data parallelism"),
     "infer.cache_type": (("paged",), "the dense 'skew' KV cache (use infer.cache_type=paged)"),
     "infer.op_impl": (("torch",), "custom operator implementations"),
-    "cpu_layer_num": ((None,), "CPU+GPU hybrid MoE"),
     "debug.force_moe_balance": ((False,), "forced uniform expert routing"),
 }
 
@@ -208,6 +207,9 @@ def _check_values(config: ChituConfig) -> None:
     for key in POSITIVE_OR_NULL:
         if get_key(config, key) is not None and get_key(config, key) < 1:
             raise ConfigError(f"{key}={get_key(config, key)} must be null or a positive integer")
+    if config.cpu_layer_num is not None and config.cpu_layer_num < 0:
+        raise ConfigError(f"cpu_layer_num={config.cpu_layer_num} must be null or >= 0 (MoE layers whose routed "
+                          f"experts live in host memory)")
     if config.serve.max_stop_strings < 0:
         raise ConfigError(f"serve.max_stop_strings={config.serve.max_stop_strings} must be >= 0")
     if not 1024 <= config.serve.port <= 65535 and config.serve.port != 0:

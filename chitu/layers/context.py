@@ -16,6 +16,10 @@ class ModelContext:
     max_positions: int          # the longest sequence the RoPE table covers
     quant: QuantConfig = QuantConfig()
     mla_absorb: str = "none"    # infer.mla_absorb: where MLA expands its latents (layers/mla_attention.py)
+    # cpu_layer_num: the layers whose routed experts live in host memory and run on the CPU, and, as a layer's
+    # MoE block is built, whether it is one of them (models/decoder.py MoEOrDense)
+    host_expert_layers: frozenset[int] = frozenset()
+    experts_on_host: bool = False
 
     @property
     def head_dim(self) -> int:

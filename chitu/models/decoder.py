@@ -8,7 +8,7 @@ them in the registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -18,6 +18,7 @@ from chitu.distributed.parallel_state import parallel_state
 from chitu.distributed.sharding import stage_layers
 from chitu.layers.context import ModelContext
 from chitu.layers.embedding import Embedding, LMHead
+from chitu.layers.mlp import GatedMLP
 from chitu.layers.norm import PendingNorm, RMSNorm
 from chitu.layers.rotary import RotaryEmbedding
 from chitu.ops.attention_metadata import AttentionMetadata
@@ -29,11 +30,29 @@ MLPBuilder = Callable[[ModelContext, int, str], nn.Module]
 
 
 @dataclass(frozen=True)
+class MoEOrDense:
+    """An MLP builder choosing per layer between a sparse MoE block and a dense gated MLP. The MoE blocks of the
+    layers in ctx.host_expert_layers (cpu_layer_num) get a context saying their routed experts live on the host."""
+
+    is_moe: Callable[[int], bool]
+    moe: Callable[[ModelContext, str], nn.Module]
+
+    def __call__(self, ctx: ModelContext, index: int, prefix: str) -> nn.Module:
+        if not self.is_moe(index):
+            return GatedMLP(ctx, prefix, ctx.config.intermediate_size)
+        return self.moe(replace(ctx, experts_on_host=index in ctx.host_expert_layers), prefix)
+
+
+@dataclass(frozen=True)
 class LayerBuilders:
     attention: AttentionBuilder
     mlp: MLPBuilder
     sandwich_norm: bool = False     # GLM-4: extra norms after attention and after the MLP
     rope_interleaved: bool = False  # GLM-4: rotate (even, odd) pairs instead of halves
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        """The indices of the layers whose MLP is a sparse MoE block."""
+        return [i for i in range(num_layers) if isinstance(self.mlp, MoEOrDense) and self.mlp.is_moe(i)]
 
 
 class DecoderLayer(nn.Module):

@@ -3,6 +3,7 @@ build it as a preprocessed checkpoint's files were made and read this rank's fil
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,8 @@ from chitu.checkpoint.preprocessed import LAYOUT_FILE, Layout, load_rank
 from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.loadable import LoadsWeights, ProcessesWeights
 from chitu.models.registry import architecture_of, build_model
-from chitu.platform import resolve_dtype
+from chitu.layers.moe.sparse_moe import SparseMoE
+from chitu.platform import memory_budget, resolve_dtype
 from chitu.quant.config import UnsupportedQuantizationError
 
 from chitu.config.schema import ConfigError
@@ -49,7 +51,7 @@ def load_configured_model(config: ChituConfig, device: torch.device, gguf_blocks
                                                   and device.type == "cpu" and isinstance(reader, GGUFCheckpointReader))
         return load_model(reader, config.models.type, config.infer.max_seq_len, device, dtype, config.infer.mla_absorb,
                           config.infer.raise_lower_bit_float_to, config.quant if config.quant_on_load else None,
-                          gguf_blocks=keeps_blocks)
+                          gguf_blocks=keeps_blocks, cpu_layer_num=config.cpu_layer_num or 0)
 
 
 def random_model(config: ChituConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -95,6 +97,30 @@ def load_preprocessed_model(directory: str, config: ChituConfig, device: torch.d
     return model.eval()
 
 
+def _check_host_experts_fit(model: nn.Module, reader: CheckpointReader, cpu_layer_num: int,
+                            dtype: torch.dtype | None) -> None:
+    """Refuse, before reading them, host-memory experts (cpu_layer_num) that the free host memory cannot hold. They
+    take their stored bytes (GGUF blocks kept, dtype None) or their values in `dtype`."""
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseMoE) and m.on_host]
+    needed = 0
+    for name, block in blocks:
+        placement = block.experts.placement
+        for expert in range(placement.experts.start, placement.experts.end):
+            # this rank's share of each projection: its intermediate columns (gate/up rows, down columns)
+            for projection, intermediate_dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+                tensor = f"{name}.experts.{expert}.{projection}.weight"
+                shape = reader.shape(tensor)
+                whole = reader.stored_bytes(tensor) if dtype is None else math.prod(shape) * dtype.itemsize
+                needed += whole * placement.columns.length // shape[intermediate_dim]
+    available = memory_budget(torch.device("cpu"), 1.0)
+    if needed > available:
+        raise ConfigError(f"cpu_layer_num={cpu_layer_num}: the routed experts of those MoE layers need "
+                          f"{needed / 2**30:.1f} GiB of host memory, {available / 2**30:.1f} GiB is free; "
+                          f"lower cpu_layer_num")
+    if blocks:
+        logger.info("cpu_layer_num=%d: %.2f GiB of routed experts in host memory", cpu_layer_num, needed / 2**30)
+
+
 def _check_quantized_device(quant: str | None, device: torch.device) -> None:
     if quant and device.type not in ("cpu", "cuda"):
         raise UnsupportedQuantizationError(f"quant={quant} has kernels for CPUs and CUDA GPUs, not for "
@@ -110,8 +136,9 @@ def _after_loading(model: nn.Module) -> None:
 def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
                device: torch.device, dtype: torch.dtype, mla_absorb: str = "none",
                raise_lower_bit_float_to: str = "float8_e4m3fn", quantize_on_load: str | None = None,
-               gguf_blocks: bool = False) -> nn.Module:
-    """gguf_blocks (quant=gguf): keep a GGUF file's blocks, multiplied where they are (quant/gguf_blocks.py)."""
+               gguf_blocks: bool = False, cpu_layer_num: int = 0) -> nn.Module:
+    """gguf_blocks (quant=gguf): keep a GGUF file's blocks, multiplied where they are (quant/gguf_blocks.py);
+    cpu_layer_num: the routed experts of the last that many MoE layers in host memory (layers/moe/host_experts.py)."""
     _check_quantized_device(quantize_on_load or ("gguf" if gguf_blocks else None), device)
     if gguf_blocks and not isinstance(reader, GGUFCheckpointReader):
         raise UnsupportedQuantizationError(f"quant=gguf keeps the blocks of a GGUF file, but {reader.path} is not one: "
@@ -119,8 +146,9 @@ def load_model(reader: CheckpointReader, model_type: str, max_positions: int,
     config = reader.hf_config()
     with torch.device(device):
         model = build_model(config, model_type, max_positions, dtype, mla_absorb, raise_lower_bit_float_to,
-                            quantize_on_load, gguf_blocks)
+                            quantize_on_load, gguf_blocks, cpu_layer_num)
     reader.use_renames(architecture_of(config)[1].hf_renames)
+    _check_host_experts_fit(model, reader, cpu_layer_num, dtype if not gguf_blocks else None)
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoadsWeights)]
     for name, module in tqdm(modules, desc=f"Loading {reader.path}", unit="module", mininterval=1.0):
         module.load_weights(reader, name)

@@ -3,26 +3,16 @@
 checkpoint's config says."""
 from __future__ import annotations
 
-from typing import Callable
-
-from torch import nn
 from transformers import PretrainedConfig
 
 from chitu.layers.context import ModelContext
 from chitu.layers.mla_attention import MLAAttention
-from chitu.layers.mlp import GatedMLP
 from chitu.layers.moe.router import RouterOptions
 from chitu.layers.moe.sparse_moe import SparseMoE
 from chitu.layers.rotary import RotaryEmbedding
 from chitu.layers.self_attention import AttentionOptions
-from chitu.models.decoder import LayerBuilders, MLPBuilder
+from chitu.models.decoder import LayerBuilders, MLPBuilder, MoEOrDense
 from chitu.models.dense import gqa_attention
-
-
-def moe_or_dense(is_moe: Callable[[int], bool], moe: Callable[[ModelContext, str], SparseMoE]) -> MLPBuilder:
-    def build(ctx: ModelContext, index: int, prefix: str) -> nn.Module:
-        return moe(ctx, prefix) if is_moe(index) else GatedMLP(ctx, prefix, ctx.config.intermediate_size)
-    return build
 
 
 def qwen3_moe(config: PretrainedConfig) -> LayerBuilders:
@@ -34,7 +24,7 @@ def qwen3_moe(config: PretrainedConfig) -> LayerBuilders:
     bias = config.attention_bias
     return LayerBuilders(
         gqa_attention(AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)),
-        moe_or_dense(is_moe, lambda ctx, prefix: SparseMoE(ctx, prefix, config.num_experts,
+        MoEOrDense(is_moe, lambda ctx, prefix: SparseMoE(ctx, prefix, config.num_experts,
                                                            config.moe_intermediate_size, router)))
 
 
@@ -42,7 +32,7 @@ def mixtral(config: PretrainedConfig) -> LayerBuilders:
     router = RouterOptions(config.num_experts_per_tok, renormalize=True)
     return LayerBuilders(
         gqa_attention(AttentionOptions()),
-        moe_or_dense(lambda index: True, lambda ctx, prefix: SparseMoE(ctx, prefix, config.num_local_experts,
+        MoEOrDense(lambda index: True, lambda ctx, prefix: SparseMoE(ctx, prefix, config.num_local_experts,
                                                                        config.intermediate_size, router)))
 
 
@@ -50,7 +40,7 @@ def shared_expert_moe(config: PretrainedConfig, router: RouterOptions) -> MLPBui
     """GLM-4.5's and DeepSeek's layout: dense below first_k_dense_replace, then routed experts beside
     always-on shared experts."""
     shared = config.moe_intermediate_size * config.n_shared_experts
-    return moe_or_dense(lambda index: index >= config.first_k_dense_replace,
+    return MoEOrDense(lambda index: index >= config.first_k_dense_replace,
                         lambda ctx, prefix: SparseMoE(ctx, prefix, config.n_routed_experts,
                                                       config.moe_intermediate_size, router, shared))
 

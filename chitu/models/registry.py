@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from chitu.config.schema import ConfigError
 from chitu.errors import UserError
 from chitu.layers.context import ModelContext
 from chitu.models import dense, moe
@@ -60,11 +61,11 @@ def architecture_of(config: PretrainedConfig) -> tuple[str, Architecture]:
 
 def build_model(config: PretrainedConfig, expected_type: str, max_positions: int, dtype: torch.dtype,
                 mla_absorb: str = "none", raise_lower_bit_float_to: str = "float8_e4m3fn",
-                quantize_on_load: str | None = None, gguf_blocks: bool = False) -> nn.Module:
+                quantize_on_load: str | None = None, gguf_blocks: bool = False, cpu_layer_num: int = 0) -> nn.Module:
     """An uninitialised model for `config`; `expected_type` is the yaml's `type`, checked against it.
     A checkpoint declaring a quantization Chitu has no method for is refused here; `quantize_on_load`
     names the method that quantizes the weights as they load (quant/config.py); `gguf_blocks` keeps a GGUF
-    file's blocks (quant=gguf)."""
+    file's blocks (quant=gguf); the routed experts of the last `cpu_layer_num` MoE layers live in host memory."""
     name, arch = architecture_of(config)
     if expected_type != arch.model_type:
         raise UnsupportedModelError(
@@ -72,5 +73,16 @@ def build_model(config: PretrainedConfig, expected_type: str, max_positions: int
         )
     quant = QuantConfig.gguf_blocks() if gguf_blocks else \
         QuantConfig.from_checkpoint(config, raise_lower_bit_float_to, quantize_on_load)
-    ctx = ModelContext(config, dtype, max_positions, quant, mla_absorb)
-    return CausalLM(ctx, arch.layers(config))
+    builders = arch.layers(config)
+    host_layers = host_expert_layers(builders.moe_layers(config.num_hidden_layers), cpu_layer_num, name)
+    ctx = ModelContext(config, dtype, max_positions, quant, mla_absorb, host_layers)
+    return CausalLM(ctx, builders)
+
+
+def host_expert_layers(moe_layers: list[int], cpu_layer_num: int, name: str) -> frozenset[int]:
+    """The layers whose routed experts cpu_layer_num puts in host memory: the last cpu_layer_num MoE layers
+    (Chitu's DeepSeek-R1 example, 58, is every MoE layer: 3 to 60)."""
+    if cpu_layer_num > len(moe_layers):
+        raise ConfigError(f"cpu_layer_num={cpu_layer_num}, but {name} has {len(moe_layers)} MoE layers"
+                          + ("" if moe_layers else ": it is a dense model, with no experts to place on the CPU"))
+    return frozenset(moe_layers[len(moe_layers) - cpu_layer_num:]) if cpu_layer_num else frozenset()

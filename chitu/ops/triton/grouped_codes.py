@@ -133,11 +133,12 @@ def _gemm_kernel(x_ptr, x_stride, low_ptr, high_ptr, d_ptr, scales_ptr, dmin_ptr
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & rn_mask[None, :])
 
 
-# A decode GEMV is bound by the bytes in flight: the larger tiles (up to 16 rows x 16 groups, 4 KB of 4-bit codes
-# an iteration) keep more of them outstanding per SM.
+# A decode GEMV is bound by the bytes in flight: the loop's loads are not pipelined, so each iteration waits for
+# memory once; tiles of many groups (up to 128: a 4096-wide row in one iteration) keep more bytes outstanding.
 GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=s) for n, g, w, s in [
     (4, 8, 4, 3), (8, 8, 4, 3), (8, 4, 4, 4), (16, 4, 4, 3), (4, 16, 4, 3), (8, 16, 8, 3), (16, 8, 8, 3),
-    (2, 16, 4, 3), (32, 4, 8, 3), (16, 16, 8, 3), (32, 8, 8, 3), (8, 32, 8, 3), (16, 16, 4, 4)]]
+    (2, 16, 4, 3), (32, 4, 8, 3), (16, 16, 8, 3), (32, 8, 8, 3), (8, 32, 8, 3), (16, 16, 4, 4),
+    (2, 64, 4, 2), (4, 64, 8, 2), (2, 128, 8, 1), (4, 32, 4, 3), (1, 128, 4, 1), (8, 64, 8, 2)]]
 GEMM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for n, k, w, s in [
     (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4), (64, 256, 8, 3)]]
 _gemv = triton.autotune(GEMV_CONFIGS, key=["N", "K", "BITS"])(_gemv_kernel)
