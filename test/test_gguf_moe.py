@@ -32,7 +32,7 @@ from test_models import FAMILIES, TINY, PagedRun, randomize, relative_error, run
 
 QType = gguf.GGMLQuantizationType
 GGUF_ARCH = {"hf-qwen-3-moe": gguf.MODEL_ARCH.QWEN3MOE, "hf-mixtral": gguf.MODEL_ARCH.LLAMA,
-             "hf-glm-4-moe": gguf.MODEL_ARCH.GLM4_MOE}
+             "hf-glm-4-moe": gguf.MODEL_ARCH.GLM4_MOE, "deepseek-v3": gguf.MODEL_ARCH.DEEPSEEK2}
 # one expert's tensor in the published checkpoints: (layer, expert, weight)
 EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
 
@@ -60,6 +60,10 @@ CASES = {
     "mixtral-q8_0-split": Case("mixtral", qtype=QType.Q8_0, split_max_tensors=10),
     "glm4-moe": Case("glm4-moe"),
     "glm4-moe-q8_0": Case("glm4-moe", qtype=QType.Q8_0),
+    # DeepSeek-V3 (MLA with q_lora, sigmoid grouped routing, YaRN) and V2 (no q_lora, softmax group-limited),
+    # as convert_hf_to_gguf.py wrote them before llama.cpp's MLA rework (attn_kv_b kept whole)
+    "deepseek-v3-q8_0": Case("deepseek-v3", qtype=QType.Q8_0),
+    "deepseek-v2": Case("deepseek-v2"),
 }
 
 
@@ -82,7 +86,7 @@ def convert(case_name: str, tmp_path_factory) -> GGUFModel:
     case = CASES[case_name]
     model_type, config_cls, model_cls, extra = FAMILIES[case.family]
     torch.manual_seed(0)
-    hf_model = model_cls(config_cls(**TINY, **{**extra, **dict(case.overrides)})).eval()
+    hf_model = model_cls(config_cls(**{**TINY, **extra, **dict(case.overrides)})).eval()
     randomize(hf_model)
     hf_dir = tmp_path_factory.mktemp(case_name)
     hf_model.save_pretrained(hf_dir, safe_serialization=True)
@@ -173,7 +177,7 @@ def set_gguf_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hparams:
         writer.add_expert_group_count(n_group)
     if (topk_group := hparams.get("topk_group")) is not None:
         writer.add_expert_group_used_count(topk_group)
-    if (head_dim := hparams.get("head_dim")) is not None:
+    if (head_dim := hparams.get("head_dim")) is not None and arch != gguf.MODEL_ARCH.DEEPSEEK2:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == QType.F32 else gguf.LlamaFileType.MOSTLY_Q8_0)
@@ -193,6 +197,27 @@ def set_gguf_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hparams:
         writer.add_expert_weights_scale(hparams["routed_scaling_factor"])
         writer.add_expert_weights_norm(hparams["norm_topk_prob"])
         writer.add_nextn_predict_layers(hparams["num_nextn_predict_layers"])
+    elif arch == gguf.MODEL_ARCH.DEEPSEEK2:  # DeepseekV2Model before the MLA rework: per-head K/V lengths
+        writer.add_leading_dense_block_count(hparams["first_k_dense_replace"])
+        writer.add_vocab_size(hparams["vocab_size"])
+        if hparams.get("q_lora_rank") is not None:
+            writer.add_q_lora_rank(hparams["q_lora_rank"])
+        writer.add_kv_lora_rank(hparams["kv_lora_rank"])
+        writer.add_key_length(hparams["qk_nope_head_dim"] + hparams["qk_rope_head_dim"])
+        writer.add_value_length(hparams["v_head_dim"])
+        writer.add_expert_count(hparams["n_routed_experts"])
+        writer.add_expert_feed_forward_length(hparams["moe_intermediate_size"])
+        writer.add_expert_shared_count(hparams["n_shared_experts"])
+        writer.add_expert_weights_scale(hparams["routed_scaling_factor"])
+        writer.add_expert_weights_norm(hparams.get("norm_topk_prob", False))
+        sigmoid = hparams["model_type"] == "deepseek_v3"
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+        writer.add_rope_dimension_count(hparams["qk_rope_head_dim"])
+        if rope.get("rope_type") == "yarn":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(rope["factor"])
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
 
 
 def set_vocab(writer: gguf.GGUFWriter, hparams: dict) -> None:
@@ -259,6 +284,10 @@ SAME_FIELDS = {
     "hf-glm-4-moe": ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
                      "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
                      "use_qk_norm", "attention_bias", "head_dim"],
+    "deepseek-v3": ["q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
+                    "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob",
+                    "topk_method", "attention_bias"],
 }
 COMMON_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
@@ -278,7 +307,7 @@ def test_config_equals_hf_config(converted):
     assert type(config) is type(expected)
     assert config.architectures == expected.architectures
     for field in COMMON_FIELDS + SAME_FIELDS[converted.model_type]:
-        assert getattr(config, field) == getattr(expected, field), field
+        assert getattr(config, field, None) == getattr(expected, field, None), field
     assert config.rope_parameters == expected.rope_parameters  # theta, GLM's partial_rotary_factor
     if converted.model_type == "hf-qwen-3-moe":
         # GGUF has no decoder_sparse_step: the layers without a router are listed as mlp_only_layers
@@ -399,7 +428,11 @@ ROUTED = {f"blk.{i}.ffn_gate_inp.weight": (4, 64) for i in range(2)}
     ("qwen3moe", {"{arch}.expert_used_count": 2}, ROUTED, "'qwen3moe'.*lacks the metadata key 'qwen3moe.expert_count'"),
     ("qwen2moe", {"{arch}.expert_count": 4, "{arch}.expert_used_count": 2}, ROUTED,
      "GGUF architecture 'qwen2moe' with experts is not supported"),
-], ids=["mixtral-shared", "mixtral-partial", "glm-softmax", "glm-all-nextn", "qwen3-shared", "qwen3-no-count", "qwen2moe"])
+    ("deepseek2", {"{arch}.expert_count": 4, "{arch}.expert_used_count": 2, "{arch}.rope.dimension_count": 8,
+                   "{arch}.attention.kv_lora_rank": 32}, {**ROUTED, "blk.0.attn_k_b.weight": (4, 32, 16)},
+     "'deepseek2' \\(DeepSeek-V2/V3\\).*split into attn_k_b / attn_v_b"),
+], ids=["mixtral-shared", "mixtral-partial", "glm-softmax", "glm-all-nextn", "qwen3-shared", "qwen3-no-count", "qwen2moe",
+        "deepseek-split-kv-b"])
 def test_unsupported_moe_files_name_the_architecture(tmp_path, arch, keys, tensors, message):
     path = write_metadata_only(tmp_path / "model.gguf", arch, keys, {"token_embd.weight": (32, 64), **tensors})
     with pytest.raises(CheckpointError, match=message) as error:

@@ -1,5 +1,6 @@
 """cpu_layer_num: the routed experts of the last N MoE layers in host memory (layers/moe/host_experts.py), on tiny
-random MoE GGUF files (Q8_0 or F32 experts, kept in their blocks with quant=gguf): on the CPU the placement path
+random MoE GGUF files (Qwen3-MoE, Mixtral, GLM-4.5, DeepSeek-V3; Q8_0 or F32 experts, kept in their blocks with
+quant=gguf): on the CPU the placement path
 gives exactly the logits of the experts placed as usual, for every N; on a GPU, the GPU holding everything else,
 the logits of the model all on the GPU."""
 import pytest
@@ -12,7 +13,8 @@ from chitu.models.loader import load_model
 from test_gguf_moe import convert
 from test_models import TINY, PagedRun, relative_error
 
-CASES = ["qwen3-moe", "mixtral-q8_0", "glm4-moe-q8_0"]  # glm4-moe: shared experts beside the routed ones
+# glm4-moe and deepseek-v3: shared experts beside the routed ones; deepseek-v3: MLA, as DeepSeek-R1's GGUF files
+CASES = ["qwen3-moe", "mixtral-q8_0", "glm4-moe-q8_0", "deepseek-v3-q8_0"]
 
 
 @pytest.fixture(scope="module", params=CASES)

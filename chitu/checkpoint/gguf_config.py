@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
-from transformers import Glm4MoeConfig, LlamaConfig, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, LlamaConfig, MixtralConfig,
+                          PretrainedConfig, Qwen3MoeConfig)
 
 from chitu.checkpoint.reader import CheckpointError
 
@@ -21,7 +22,7 @@ LLM, ATTENTION, ROPE = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
 SOFTMAX, SIGMOID = int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)
 
 # GGUF architecture -> what Chitu serves it as (`llama` only when it has experts)
-MOE_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE", "llama": "Mixtral", "glm4moe": "GLM-4.5"}
+MOE_ARCHITECTURES = {"qwen3moe": "Qwen3-MoE", "llama": "Mixtral", "glm4moe": "GLM-4.5", "deepseek2": "DeepSeek-V2/V3"}
 
 
 def config_from_metadata(readers: list[gguf.GGUFReader], path: str) -> PretrainedConfig | None:
@@ -34,6 +35,8 @@ def config_from_metadata(readers: list[gguf.GGUFReader], path: str) -> Pretraine
         return _qwen3_moe(meta)
     if meta.arch == "glm4moe":
         return _glm4_moe(meta)
+    if meta.arch == "deepseek2":
+        return _deepseek2(meta)
     if meta.arch == "llama":
         return _mixtral(meta) if num_experts > 0 else _llama(meta)
     if num_experts > 0 or any(name.endswith("_exps.weight") for name in meta.tensors):
@@ -176,7 +179,8 @@ def _expert_feed_forward_length(meta: _Metadata, num_layers: int) -> int:
 
 def _build(meta: _Metadata, config_class: type[PretrainedConfig], fields: dict) -> PretrainedConfig:
     architecture = {Qwen3MoeConfig: "Qwen3MoeForCausalLM", MixtralConfig: "MixtralForCausalLM",
-                    Glm4MoeConfig: "Glm4MoeForCausalLM", LlamaConfig: "LlamaForCausalLM"}[config_class]
+                    Glm4MoeConfig: "Glm4MoeForCausalLM", LlamaConfig: "LlamaForCausalLM",
+                    DeepseekV2Config: "DeepseekV2ForCausalLM", DeepseekV3Config: "DeepseekV3ForCausalLM"}[config_class]
     try:
         return config_class(architectures=[architecture], **fields)
     except (TypeError, ValueError) as error:  # transformers validates the fields' types and values
@@ -282,3 +286,61 @@ def _glm4_moe(meta: _Metadata) -> PretrainedConfig:
         rope_parameters=_rope_parameters(meta, rotary_dim, head_dim, partial=True),
     )
     return _build(meta, Glm4MoeConfig, fields)
+
+
+def _deepseek2(meta: _Metadata) -> PretrainedConfig:
+    """DeepSeek-V2/V3 (and R1): sigmoid gating makes a V3 config, softmax a V2 one. Files from converters before
+    llama.cpp's MLA rework store per-head key/value lengths; later ones MQA lengths plus key/value_length_mla."""
+    num_layers = meta.require(LLM.BLOCK_COUNT)
+    if meta.has("blk.0.attn_k_b.weight") and not meta.has("blk.0.attn_kv_b.weight"):
+        raise meta.unsupported("kv_b_proj stored split into attn_k_b / attn_v_b (llama.cpp's converter since its "
+                               "MLA rework); Chitu reads files that hold attn_kv_b")
+    heads = meta.uniform(ATTENTION.HEAD_COUNT)
+    hidden = meta.require(LLM.EMBEDDING_LENGTH)
+    rope_dim = meta.require(ROPE.DIMENSION_COUNT)
+    nope = (meta.get(ATTENTION.KEY_LENGTH_MLA) or meta.require(ATTENTION.KEY_LENGTH)) - rope_dim
+    gating = meta.get(LLM.EXPERT_GATING_FUNC, SOFTMAX) or SOFTMAX  # 0: none written, llama.cpp's softmax
+    if gating not in (SOFTMAX, SIGMOID):
+        raise meta.unsupported(f"expert gating function {gating}")
+    moe_layers = _moe_layers(meta, num_layers)
+    dense = meta.get(LLM.LEADING_DENSE_BLOCK_COUNT, moe_layers[0] if moe_layers else num_layers)
+    if moe_layers != list(range(dense, num_layers)):
+        raise meta.unsupported(f"experts in layers {moe_layers}, not in every layer from {dense} on")
+    groups = meta.get(LLM.EXPERT_GROUP_COUNT, 1)
+    fields = dict(
+        vocab_size=meta.vocab_size(), hidden_size=hidden, intermediate_size=meta.uniform(LLM.FEED_FORWARD_LENGTH),
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=meta.get(LLM.CONTEXT_LENGTH), rms_norm_eps=meta.require(ATTENTION.LAYERNORM_RMS_EPS),
+        tie_word_embeddings=not meta.has("output.weight"), attention_bias=meta.has("blk.0.attn_kv_a_mqa.bias"),
+        bos_token_id=meta.get(gguf.Keys.Tokenizer.BOS_ID), eos_token_id=meta.get(gguf.Keys.Tokenizer.EOS_ID),
+        pad_token_id=meta.get(gguf.Keys.Tokenizer.PAD_ID),
+        q_lora_rank=meta.get(ATTENTION.Q_LORA_RANK) or None, kv_lora_rank=meta.require(ATTENTION.KV_LORA_RANK),
+        qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, head_dim=rope_dim,
+        v_head_dim=meta.get(ATTENTION.VALUE_LENGTH_MLA) or meta.require(ATTENTION.VALUE_LENGTH),
+        n_routed_experts=meta.require(LLM.EXPERT_COUNT), num_experts_per_tok=meta.require(LLM.EXPERT_USED_COUNT),
+        moe_intermediate_size=_expert_feed_forward_length(meta, num_layers),
+        n_shared_experts=meta.get(LLM.EXPERT_SHARED_COUNT, 0), first_k_dense_replace=dense,
+        routed_scaling_factor=meta.get(LLM.EXPERT_WEIGHTS_SCALE, 1.0), n_group=groups,
+        topk_group=meta.get(LLM.EXPERT_GROUP_USED_COUNT, 1), rope_parameters=_deepseek_rope(meta),
+    )
+    fields = {key: value for key, value in fields.items() if value is not None or key == "q_lora_rank"}
+    if gating == SIGMOID:
+        fields.update(norm_topk_prob=meta.get(LLM.EXPERT_WEIGHTS_NORM, False))
+        return _build(meta, DeepseekV3Config, fields)
+    fields.update(topk_method="group_limited_greedy" if groups > 1 else "greedy")
+    return _build(meta, DeepseekV2Config, fields)
+
+
+def _deepseek_rope(meta: _Metadata) -> dict:
+    """DeepSeek's YaRN as HF spells it: the converter writes 0.1 x mscale_all_dim as the log multiplier (and
+    llama.cpp takes mscale to equal it), beta_fast / beta_slow at their defaults of 32 and 1."""
+    params = {"rope_type": "default", "rope_theta": meta.get(ROPE.FREQ_BASE, 10000.0)}
+    scaling = meta.get(ROPE.SCALING_TYPE, "none")
+    if scaling == "yarn":
+        mscale = float(f"{meta.get(ROPE.SCALING_YARN_LOG_MUL, 0.1) / 0.1:.6g}")
+        params.update(rope_type="yarn", factor=meta.require(ROPE.SCALING_FACTOR), mscale=mscale, mscale_all_dim=mscale,
+                      original_max_position_embeddings=meta.require(ROPE.SCALING_ORIG_CTX_LEN), beta_fast=32,
+                      beta_slow=1)
+    elif scaling != "none":
+        raise meta.unsupported(f"RoPE scaling type {scaling!r} (Chitu reads none and yarn for DeepSeek)")
+    return params
