@@ -86,8 +86,12 @@ def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """A token per row drawn from softmax(logits / T) after min_p, top-k and top-p; greedy rows get junk."""
-    temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-    logits = logits / temperature[:, None]
+    temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    if batch.min_p is None and batch.needs_top_k_top_p and 0 < batch.candidate_count < logits.shape[-1]:
+        # A positive temperature keeps the order: the top candidates of the raw logits, then only they are scaled.
+        values, ids = logits.topk(batch.candidate_count, dim=-1)
+        return _pick(values / temperature, ids, batch)
+    logits = logits / temperature
     if batch.min_p is not None:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
@@ -98,6 +102,11 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         values, ids = logits.topk(batch.candidate_count, dim=-1)
     else:
         values, ids = logits.sort(dim=-1, descending=True)
+    return _pick(values, ids, batch)
+
+
+def _pick(values: torch.Tensor, ids: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """A token per row among its candidates (`values` sorted, most likely first, of tokens `ids`) after top-k/top-p."""
     values = values.masked_fill(_top_k_top_p_mask(values, batch), float("-inf"))
     choice = _exponential_race(values.softmax(dim=-1), batch, ids)
     return ids.gather(1, choice[:, None]).squeeze(1)
