@@ -13,6 +13,7 @@ from chitu.config.schema import ChituConfig, ConfigError
 logger = logging.getLogger(__name__)
 
 SYSFS_CPUS = Path("/sys/devices/system/cpu")
+SYSFS_NODES = Path("/sys/devices/system/node")
 PLATFORM_BUILDS = {"CHITU_ASCEND_BUILD": "Ascend NPU", "CHITU_HYGON_BUILD": "Hygon DCU", "CHITU_MUXI_BUILD": "MetaX (Muxi) GPU"}
 
 
@@ -48,20 +49,73 @@ def physical_cores(cpus: set[int]) -> int:
     return len(cores)
 
 
-def configure_cpu_threads(config: ChituConfig, device: torch.device) -> None:
-    """On CPU, set torch's threads to infer.num_threads, or by default to the physical cores this process
-    may run on shared among the ranks of this node (torchrun's LOCAL_WORLD_SIZE), at least 1."""
-    if device.type != "cpu":
+def parse_cpulist(text: str) -> set[int]:
+    """The CPUs of a sysfs cpulist ("0-3,8,10-11"; empty for none)."""
+    cpus = set()
+    for part in filter(None, text.strip().split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def numa_nodes(root: Path = SYSFS_NODES) -> list[set[int]]:
+    """The CPUs of each NUMA node that has any, in node order; [] without readable topology."""
+    nodes = sorted((p for p in root.glob("node[0-9]*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+    try:
+        cpus = [parse_cpulist((node / "cpulist").read_text()) for node in nodes]
+    except OSError:
+        return []
+    return [c for c in cpus if c]
+
+
+def numa_binding(local_rank: int, local_ranks: int, nodes: list[set[int]], allowed: set[int]) -> tuple[set[int], int]:
+    """(CPUs, local ranks sharing them) for infer.bind_process_to_cpu=numa: local rank r takes node r mod the
+    nodes, as far as this process may run there (all it may, if none of that node)."""
+    node = local_rank % len(nodes)
+    sharing = local_ranks // len(nodes) + (node < local_ranks % len(nodes))
+    cpus = nodes[node] & allowed
+    return (cpus, sharing) if cpus else (allowed, local_ranks)
+
+
+def configure_cpu(config: ChituConfig, device: torch.device) -> None:
+    """Bind this process to CPUs as infer.bind_process_to_cpu says; then, where the CPU computes (device=cpu, or
+    experts in host memory with cpu_layer_num), set torch's threads to infer.num_threads, or by default to the
+    physical cores (logical CPUs with infer.bind_thread_to_cpu=logical_core) it may run on, shared among the ranks
+    of this node that share them (torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE), at least 1."""
+    local_rank, local_ranks = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    nodes = numa_nodes()
+    binding = config.infer.bind_process_to_cpu
+    if binding == "numa" or (binding == "auto" and len(nodes) > 1 and local_ranks > 1):
+        if not nodes:
+            raise ConfigError("infer.bind_process_to_cpu=numa, but this machine shows no NUMA topology "
+                              f"({SYSFS_NODES}): use auto or none")
+        cpus, local_ranks = numa_binding(local_rank, local_ranks, nodes, os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cpus)  # memory is then allocated on that node as it is first touched
+        logger.info("bound to CPUs %s (NUMA node %d of %d)", _cpulist(cpus), local_rank % len(nodes), len(nodes))
+    if device.type != "cpu" and not config.cpu_layer_num:
         return
     threads = config.infer.num_threads
     if threads is not None:
         reason = "infer.num_threads"
     else:
-        cores, local_ranks = physical_cores(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        allowed = os.sched_getaffinity(0)
+        logical = config.infer.bind_thread_to_cpu == "logical_core"
+        cores = len(allowed) if logical else physical_cores(allowed)
         threads = max(1, cores // local_ranks)
-        reason = f"{cores} physical core(s) available / {local_ranks} local rank(s); infer.num_threads to change"
+        reason = (f"{cores} {'logical CPU' if logical else 'physical core'}(s) available / {local_ranks} local "
+                  f"rank(s); infer.num_threads to change")
     torch.set_num_threads(threads)
     logger.info("CPU threads: %d (%s)", threads, reason)
+
+
+def _cpulist(cpus: set[int]) -> str:
+    ordered = sorted(cpus)
+    runs, start = [], ordered[0]
+    for previous, cpu in zip(ordered, ordered[1:] + [None]):
+        if cpu != previous + 1:
+            runs.append(f"{start}-{previous}" if previous > start else str(start))
+            start = cpu
+    return ",".join(runs)
 
 
 def memory_budget(device: torch.device, utilization: float) -> int:

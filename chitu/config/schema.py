@@ -72,6 +72,8 @@ class InferSection:
     comm_timeout_s: float = 300.0
     dist_init_timeout_s: float = 900.0
     num_threads: Optional[int] = None
+    bind_process_to_cpu: str = "auto"
+    bind_thread_to_cpu: str = "physical_core"
 
 
 @dataclass
@@ -152,6 +154,8 @@ CHOICES: dict[str, tuple] = {
     "infer.attn_type": ("auto", "ref", "cpu", "triton", "flash_attn", "flash_infer", "flash_mla", "npu"),
     "infer.op_impl": ("torch", "cpu", "muxi_custom_kernel"),
     "infer.mla_absorb": ("none", "absorb-without-precomp", "absorb"),
+    "infer.bind_process_to_cpu": ("auto", "none", "numa"),
+    "infer.bind_thread_to_cpu": ("physical_core", "logical_core"),
     "models.reasoning_parser": (None, "deepseek_r1", "qwen3"),
     "infer.use_cuda_graph": ("auto", True, False),
     "infer.raise_lower_bit_float_to": ("float8_e4m3fn", "bfloat16"),

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from chitu.config.schema import ChituConfig, ConfigError
-from chitu.platform import configure_cpu_threads
+from chitu.platform import configure_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,10 @@ def check_world_size(config: ChituConfig) -> None:
 
 
 def init_parallel(config: ChituConfig, device: torch.device) -> ParallelState:
-    """Set this process's CPU threads, join the torchrun world (a no-op for a world of one) and build the groups."""
+    """Bind this process's CPUs and set its threads, join the torchrun world (a no-op for a world of one) and build the groups."""
     global _state
     check_world_size(config)
-    configure_cpu_threads(config, device)
+    configure_cpu(config, device)
     infer = config.infer
     state = ParallelState(infer.tp_size, infer.pp_size, int(os.environ.get("RANK", "0")), infer.ep_size,
                           infer.pp_layer_partition, infer.comm_timeout_s, infer.dist_init_timeout_s)
