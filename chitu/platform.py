@@ -91,7 +91,7 @@ def configure_cpu(config: ChituConfig, device: torch.device) -> None:
                               f"({SYSFS_NODES}): use auto or none")
         cpus, local_ranks = numa_binding(local_rank, local_ranks, nodes, os.sched_getaffinity(0))
         os.sched_setaffinity(0, cpus)  # memory is then allocated on that node as it is first touched
-        logger.info("bound to CPUs %s (NUMA node %d of %d)", _cpulist(cpus), local_rank % len(nodes), len(nodes))
+        logger.info("bound to %d CPUs (NUMA node %d of %d)", len(cpus), local_rank % len(nodes), len(nodes))
     if device.type != "cpu" and not config.cpu_layer_num:
         return
     threads = config.infer.num_threads
@@ -106,16 +106,6 @@ def configure_cpu(config: ChituConfig, device: torch.device) -> None:
                   f"rank(s); infer.num_threads to change")
     torch.set_num_threads(threads)
     logger.info("CPU threads: %d (%s)", threads, reason)
-
-
-def _cpulist(cpus: set[int]) -> str:
-    ordered = sorted(cpus)
-    runs, start = [], ordered[0]
-    for previous, cpu in zip(ordered, ordered[1:] + [None]):
-        if cpu != previous + 1:
-            runs.append(f"{start}-{previous}" if previous > start else str(start))
-            start = cpu
-    return ",".join(runs)
 
 
 def memory_budget(device: torch.device, utilization: float) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,17 +14,13 @@ from transformers import AutoConfig
 from chitu.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from chitu.checkpoint.gguf import GGUFCheckpointReader
 from chitu.checkpoint.preprocessed import LAYOUT_FILE, Layout, load_rank
+from chitu.config.schema import ChituConfig, ConfigError
 from chitu.distributed.parallel_state import parallel_state
 from chitu.layers.loadable import LoadsWeights, ProcessesWeights
-from chitu.models.registry import architecture_of, build_model
 from chitu.layers.moe.sparse_moe import SparseMoE
+from chitu.models.registry import architecture_of, build_model
 from chitu.platform import memory_budget, resolve_dtype
 from chitu.quant.config import UnsupportedQuantizationError
-
-from chitu.config.schema import ConfigError
-
-if TYPE_CHECKING:
-    from chitu.config.schema import ChituConfig
 
 logger = logging.getLogger(__name__)
 

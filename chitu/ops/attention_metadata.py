@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chitu.ops.device_copy import to_device
+
 
 @dataclass
 class AttentionMetadata:
@@ -46,10 +48,8 @@ class AttentionMetadata:
         if not isinstance(block_tables, torch.Tensor):
             width = max(len(t) for t in block_tables)
             host.append(torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64).flatten())
-        # One copy for all of it, staged in pinned memory on CUDA, so that building a step never waits for the device.
-        packed = torch.cat(host)
-        if torch.device(device).type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
+        # One copy for all of it, so that building a step never waits for the device.
+        packed = to_device(torch.cat(host), torch.int64, device)
         positions, ctx_lens, starts, seq_index, query_index, *tables = packed.split([len(t) for t in host])
         tables = block_tables if isinstance(block_tables, torch.Tensor) else tables[0].view(len(query_lens), -1)
         return cls(

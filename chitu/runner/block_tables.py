@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from chitu.runner.device_copy import to_device
+from chitu.ops.device_copy import to_device
 
 
 class BlockTables:
     def __init__(self, num_rows: int, width: int, device: torch.device, scratch_block: int | None = None):
         """`scratch_block`: one more row, all of that block, for the padding rows of CUDA-graph batches."""
-        self.width, self.device = width, device
+        self.num_rows, self.width, self.device = num_rows, width, device
         self.table = torch.zeros(num_rows + (scratch_block is not None), width, dtype=torch.int64, device=device)
         self.scratch_row = num_rows if scratch_block is not None else None
         if scratch_block is not None:
@@ -23,7 +23,7 @@ class BlockTables:
         if not updates:
             return
         for row, start, blocks in updates:
-            if not 0 <= row < self.table.shape[0] - (self.scratch_row is not None) or start + len(blocks) > self.width:
+            if not 0 <= row < self.num_rows or start + len(blocks) > self.width:
                 raise ValueError(f"block table update ({row}, {start}, {len(blocks)} blocks) is outside the "
                                  f"{self.table.shape[0]} x {self.width} tables")
         index = [row * self.width + start + i for row, start, blocks in updates for i in range(len(blocks))]

@@ -10,11 +10,12 @@ from torch import nn
 
 from chitu.distributed.comm import Mailbox
 from chitu.distributed.parallel_state import parallel_state
+from chitu.engine.kv_cache import blocks_for
 from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.block_tables import BlockTables
 from chitu.runner.cuda_graph import DecodeGraphs
-from chitu.runner.device_copy import to_device
+from chitu.ops.device_copy import to_device
 from chitu.runner.sampler import Sampler, SamplerOutput
 from chitu.runner.sampling_state import SamplingTable
 from chitu.runner.step_plan import StepPlan, StepResult
@@ -48,8 +49,7 @@ class ModelRunner:
         """Blocks 0..num_blocks-1 belong to the block manager; with CUDA graphs one more is the padding rows' scratch.
         The block tables get a row for each of max_batch requests holding blocks at once."""
         self._allocate_pages(num_blocks + (1 if self.use_cuda_graph else 0))
-        max_blocks_per_seq = -(-self.max_seq_len // self.block_size)
-        self.block_tables = BlockTables(self.max_batch, max_blocks_per_seq, self.device,
+        self.block_tables = BlockTables(self.max_batch, blocks_for(self.max_seq_len, self.block_size), self.device,
                                         scratch_block=num_blocks if self.use_cuda_graph else None)
         if self.use_cuda_graph:
             self.graphs = DecodeGraphs(self.model, self.max_batch, self.block_tables, self.block_size, self.device)
@@ -113,9 +113,8 @@ class ModelRunner:
         return self.model.compute_logits(out[to_device([last_rows[i] - 1 for i in plan.sampling_rows], torch.int64, self.device)])
 
     def _metadata(self, plan: StepPlan) -> AttentionMetadata:
-        num_blocks = -(-max(plan.context_lens) // self.block_size)
-        return AttentionMetadata.build(plan.num_new_tokens, plan.context_lens,
-                                       self.block_tables.rows(plan.table_rows, num_blocks), self.block_size, self.device)
+        tables = self.block_tables.rows(plan.table_rows, blocks_for(max(plan.context_lens), self.block_size))
+        return AttentionMetadata.build(plan.num_new_tokens, plan.context_lens, tables, self.block_size, self.device)
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from chitu.engine.sampling_params import SamplingParams
-from chitu.runner.device_copy import to_device
+from chitu.ops.device_copy import to_device
 from chitu.runner.sampler import SamplingBatch
 from chitu.runner.step_plan import StepPlan
 
@@ -22,7 +22,7 @@ class RowPool:
     """Rows of device tables (one row count, any widths) handed out and taken back; grown by doubling."""
 
     def __init__(self, columns: list[tuple[int, torch.dtype]], device: torch.device):
-        self.columns, self.device = columns, device
+        self.device = device
         self.tables: list[torch.Tensor] = [torch.zeros(0, width, dtype=dtype, device=device) for width, dtype in columns]
         self.free: list[int] = []
 
