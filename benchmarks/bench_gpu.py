@@ -78,8 +78,9 @@ def matmul_rate() -> float:
     return 2 * 8192**3 / timed(lambda: a @ b)
 
 
-def random_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch)).tolist()
+def random_prompts(batch: int, length: int, vocab: int, seed: int | None = None) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(batch if seed is None else seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator).tolist()
 
 
 def chitu_engine(hf_config, max_batch: int, model_type: str = "hf-llama") -> LLMEngine:
@@ -111,9 +112,10 @@ def chitu_decode(engine: LLMEngine, batch: int, sampled: bool = False) -> tuple[
     return batch * (OUTPUT - 1) / elapsed, elapsed / steps
 
 
-def chitu_prefill(engine: LLMEngine) -> float:
+def chitu_prefill(engine: LLMEngine, seed: int) -> float:
+    """Seconds to prefill a fresh 2048-token prompt: each seed its own, so the prefix cache cannot serve it."""
     params = SamplingParams(max_new_tokens=1, temperature=0, stop_with_eos=False)
-    prompt = random_prompts(1, PREFILL, engine.model_config.vocab_size)[0]
+    prompt = random_prompts(1, PREFILL, engine.model_config.vocab_size, seed=1000 + seed)[0]
     torch.cuda.synchronize()
     start = time.perf_counter()
     engine.add_request(prompt, params)
@@ -154,8 +156,8 @@ def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict, model_
         row[f"b{batch}"], row[f"b{batch}_step_ms"] = chitu_decode(engine, batch)
         row[f"b{batch}_step_ms"] *= 1e3
         row[f"b{batch}_sampled"] = chitu_decode(engine, batch, sampled=True)[0]
-    chitu_prefill(engine)
-    row["prefill_s"] = min(chitu_prefill(engine) for _ in range(3))
+    chitu_prefill(engine, seed=0)
+    row["prefill_s"] = min(chitu_prefill(engine, seed) for seed in range(1, 4))
     row["prefill_tflops"] = prefill_flops(hf_config, body_params, PREFILL) / row["prefill_s"] / 1e12
     row["roofline_b1"] = ceilings["copy"] / (active_params * 2)  # the bytes one token reads
     row["roofline_all_weights"] = ceilings["copy"] / (total_params * 2)  # steps/s when every weight is read
