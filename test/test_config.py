@@ -1,4 +1,7 @@
 """The Hydra configuration: defaults, overrides, model fragments, and precise errors for bad input."""
+import subprocess
+import sys
+
 import pytest
 
 from chitu.config import ConfigError, compose_config
@@ -113,3 +116,33 @@ def test_config_name_selects_another_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CONFIG_NAME", "missing.yaml")
     with pytest.raises(ConfigError, match="no file missing.yaml"):
         compose_config()
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("infer.max_req=4", "infer.max_reqs"),
+    ("+infer.max_req=4", "infer.max_reqs"),
+    ("max_reqs=4", "infer.max_reqs"),
+    ("serve.prot=9000", "serve.port"),
+    ("+cpu_layers_num=2", "cpu_layer_num"),
+    ("infer.use_cudagraph=False", "infer.use_cuda_graph"),
+    ("scheduler.pp_config.prefill_num_task=2", "scheduler.pp_config.prefill_num_tasks"),
+])
+def test_a_mistyped_key_gets_the_keys_it_may_mean(override, suggestion):
+    key = override.lstrip("+").partition("=")[0]
+    with pytest.raises(ConfigError) as error:
+        compose_config([override])
+    assert str(error.value) == f"unknown config key '{key}' (did you mean {suggestion}?)"
+
+
+def test_a_key_like_none_gets_no_suggestion():
+    with pytest.raises(ConfigError) as error:
+        compose_config(["infer.zzzz=1"])
+    assert str(error.value) == "unknown config key 'infer.zzzz'"
+
+
+def test_the_command_line_suggests_the_key_and_not_hydras_append_hint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "chitu", "infer.max_req=4"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert "unknown config key 'infer.max_req' (did you mean infer.max_reqs?)" in result.stderr
+    assert "+infer.max_req" not in result.stderr + result.stdout

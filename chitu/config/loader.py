@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from chitu.errors import UserError
-from chitu.config.schema import ChituConfig, ConfigError, validate_config
+from chitu.config.schema import ChituConfig, ConfigError, config_keys, unknown_key_message, validate_config
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_NAME = "serve_config"
@@ -60,10 +60,31 @@ def normalize_override(arg: str) -> str:
     return f"+{arg}" if arg.partition("=")[0] in APPENDED_KEYS else arg
 
 
+# Config groups: `models=<name>` picks a file, it sets no key.
+CONFIG_GROUPS = ("models",)
+
+
+def check_override_keys(overrides: Sequence[str]) -> None:
+    """An override of a key the schema lacks stops with "did you mean …", before Hydra answers it with
+    a "+key" hint that would then fail as an unknown key. Appends (`+key`) are checked by the schema."""
+    parser, known = OverridesParser.create(), set(config_keys())
+    for arg in overrides:
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # not an override (a flag's value) or a malformed one: Hydra's own message says where
+        key = override.key_or_group
+        if (override.is_add() or override.is_delete() or key in CONFIG_GROUPS or key.startswith("hydra.")
+                or key == "hydra" or key in known or any(k.startswith(f"{key}.") for k in known)):
+            continue
+        raise ConfigError(unknown_key_message(key))
+
+
 def compose_config(overrides: Sequence[str] = ()) -> ChituConfig:
     """The validated configuration for `overrides` (Hydra override grammar)."""
     directory, name = config_location()
     overrides = [normalize_override(arg) for arg in overrides]
+    check_override_keys(overrides)
     try:
         with initialize_config_dir(config_dir=directory, version_base=None):
             cfg = compose(config_name=name, overrides=overrides + search_path_override(directory))
@@ -83,6 +104,10 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
         secrets = [arg for arg in sys.argv[1:] if _is_secret_override(arg)]
         sys.argv = ([normalize_override(arg) for arg in sys.argv if arg not in secrets]
                     + search_path_override(directory))
+        try:
+            check_override_keys([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
 
         @hydra.main(config_path=directory, config_name=name, version_base=None)
         @functools.wraps(task)

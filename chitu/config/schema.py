@@ -6,9 +6,10 @@ message that names the offending key.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -180,13 +181,34 @@ NOT_BUILT: dict[str, tuple[tuple, str]] = {
 }
 
 
+def config_keys(section: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (`infer.max_reqs`, `scheduler.pp_config.prefill_num_tasks`, …)."""
+    keys = []
+    for f in fields(section or ChituConfig):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        keys += config_keys(type(default), f"{prefix}{f.name}.") if is_dataclass(default) else [prefix + f.name]
+    return keys
+
+
+def unknown_key_message(key: str) -> str:
+    """"unknown config key 'infer.max_req' (did you mean infer.max_reqs?)": the schema's keys closest to
+    `key`, compared whole and by their last part (`max_req=4` finds `infer.max_reqs`)."""
+    known = config_keys()
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.85)
+    leaf = key.rpartition(".")[2]
+    close += [k for k in known if k not in close and k.rpartition(".")[2] in
+              difflib.get_close_matches(leaf, [k.rpartition(".")[2]], n=1, cutoff=0.8)]
+    hint = f" (did you mean {' or '.join(close[:3])}?)" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
 def validate_config(cfg: DictConfig) -> ChituConfig:
     """Check `cfg` against the schema; return it typed or raise ConfigError naming the key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ChituConfig), cfg)
         config: ChituConfig = OmegaConf.to_object(merged)
     except ConfigKeyError as e:
-        raise ConfigError(f"unknown config key '{e.full_key or e.key}'") from None
+        raise ConfigError(unknown_key_message(str(e.full_key or e.key))) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad value for config key '{e.full_key or e.key}': {e.msg}") from None
     _check_values(config)
