@@ -17,6 +17,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import requests
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="iterations run first and not measured")
     parser.add_argument("--base-url", default="http://localhost:21002", help="server URL, with http:// or https://")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer <key>'")
-    parser.add_argument("--output-json", default="benchmark_serving.json", help="where to save the results")
+    parser.add_argument("--output-json", default="outputs/benchmark_serving.json",
+                        help="where to save the results (folders made as needed)")
     parser.add_argument("--plot", metavar="FILE", help="save a latency/throughput chart (needs matplotlib)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
@@ -211,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = [r.error for r in results if not r.ok]
     if errors:
         print(f"{len(errors)} request(s) failed, the first with: {errors[0]}", file=sys.stderr)
+    Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output_json, "w") as f:
         json.dump({"args": vars(args), "summary": summary, "requests": [asdict(r) for r in results]}, f, indent=2)
     print(f"Results saved to {args.output_json}")

@@ -24,8 +24,17 @@ def server(smollm2_path, tmp_path_factory):
         yield s
 
 
-def benchmark(*args: str) -> subprocess.CompletedProcess:
-    return process_tree.run([sys.executable, str(BENCHMARK), "--model", "SmolLM2-135M-Instruct", *args], timeout=300)
+def benchmark(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return process_tree.run([sys.executable, str(BENCHMARK), "--model", "SmolLM2-135M-Instruct", *args], timeout=300,
+                            cwd=cwd)
+
+
+def test_results_go_to_outputs_by_default(server, tmp_path):
+    result = benchmark("--iterations", "1", "--input-len", "8", "--output-len", "4", "--warmup", "0",
+                       "--base-url", server.url, "--api-key", KEY, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "outputs" / "benchmark_serving.json").read_text())["summary"]["successful_requests"] == 1
+    assert not (tmp_path / "benchmark_serving.json").exists()
 
 
 def test_benchmark_prints_table_and_saves_json(server, tmp_path):
