@@ -5,7 +5,9 @@ import sys
 import pytest
 
 from chitu.config import ConfigError, compose_config
+from chitu.config.key_help import KEY_HELP
 from chitu.config.loader import CONFIG_DIR
+from chitu.config.schema import config_keys
 
 SPEC_KEYS = [
     "models.ckpt_dir", "models.tokenizer_path", "infer.tp_size", "infer.pp_size", "infer.cache_type",
@@ -146,3 +148,21 @@ def test_the_command_line_suggests_the_key_and_not_hydras_append_hint(tmp_path):
     assert result.returncode == 1
     assert "unknown config key 'infer.max_req' (did you mean infer.max_reqs?)" in result.stderr
     assert "+infer.max_req" not in result.stderr + result.stdout
+
+
+def test_every_schema_key_has_a_meaning_for_help():
+    assert list(KEY_HELP) == config_keys()
+
+
+def test_help_lists_each_key_with_its_default_and_meaning(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "chitu", "models=qwen3-8b", "infer.max_reqs=3", "--help"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "usage: python -m chitu [key=value ...]"
+    config = compose_config(["models=Qwen3-8B", "infer.max_reqs=3"])
+    for key, meaning in KEY_HELP.items():
+        index = next(i for i, line in enumerate(lines) if line.startswith(f"  {key} = "))
+        assert lines[index + 1] == f"      {meaning}"
+    assert "  models.name = Qwen3-8B" in lines and "  infer.max_reqs = 3" in lines
+    assert f"  infer.max_seq_len = {config.infer.max_seq_len}" in lines and "  models.ckpt_dir = null" in lines

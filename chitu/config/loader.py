@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from chitu.config.key_help import format_key_help
 from chitu.errors import UserError
 from chitu.config.schema import ChituConfig, ConfigError, config_keys, unknown_key_message, validate_config
 
@@ -101,6 +102,9 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
             directory, name = config_location()
         except ConfigError as e:
             sys.exit(f"config error: {e}")
+        if {"--help", "-h"} & set(sys.argv[1:]):
+            print_help(task, [arg for arg in sys.argv[1:] if arg not in ("--help", "-h")])
+            sys.exit(0)
         secrets = [arg for arg in sys.argv[1:] if _is_secret_override(arg)]
         sys.argv = ([normalize_override(arg) for arg in sys.argv if arg not in secrets]
                     + search_path_override(directory))
@@ -122,6 +126,20 @@ def hydra_entry(task: Callable[[ChituConfig], object]) -> Callable[[], object]:
         return run()
 
     return main
+
+
+def print_help(task: Callable, overrides: list[str]) -> None:
+    """What the script does and every key with its default (after `overrides`, e.g. models=<name>) and meaning."""
+    try:
+        defaults = compose_config(overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    script = Path(sys.argv[0]).name
+    print(f"usage: {'python -m chitu' if script == '__main__.py' else script} [key=value ...]\n")
+    print((sys.modules[task.__module__].__doc__ or "").strip() + "\n")
+    print("Keys (Hydra overrides; defaults from serve_config.yaml and the chosen models=<name>):")
+    print(format_key_help(defaults))
+    print("\nmodels=<name> picks a fragment of chitu/config/models/ (any case); --hydra-help: Hydra's own flags.")
 
 
 # API keys given on the command line are kept from Hydra, which would write them into outputs/ and
