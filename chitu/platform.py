@@ -8,19 +8,18 @@ from pathlib import Path
 
 import torch
 
+from chitu.build_switches import platform_switches_on
 from chitu.config.schema import ChituConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 
 SYSFS_CPUS = Path("/sys/devices/system/cpu")
 SYSFS_NODES = Path("/sys/devices/system/node")
-PLATFORM_BUILDS = {"CHITU_ASCEND_BUILD": "Ascend NPU", "CHITU_HYGON_BUILD": "Hygon DCU", "CHITU_MUXI_BUILD": "MetaX (Muxi) GPU"}
 
 
 def check_platform_builds() -> None:
-    for variable, platform in PLATFORM_BUILDS.items():
-        if os.environ.get(variable, "0") not in ("", "0"):
-            raise ConfigError(f"{variable} is set, but {platform} support is not built into this Chitu")
+    for variable, platform in platform_switches_on():
+        raise ConfigError(f"{variable} is set, but {platform} support is not built into this Chitu")
 
 
 def resolve_device(config: ChituConfig) -> torch.device:

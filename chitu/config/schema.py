@@ -196,8 +196,8 @@ def unknown_key_message(key: str) -> str:
     known = config_keys()
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.85)
     leaf = key.rpartition(".")[2]
-    close += [k for k in known if k not in close and k.rpartition(".")[2] in
-              difflib.get_close_matches(leaf, [k.rpartition(".")[2]], n=1, cutoff=0.8)]
+    close += [k for k in known if k not in close
+              and difflib.SequenceMatcher(None, k.rpartition(".")[2], leaf).ratio() >= 0.8]
     hint = f" (did you mean {' or '.join(close[:3])}?)" if close else ""
     return f"unknown config key '{key}'{hint}"
 
