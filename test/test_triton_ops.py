@@ -19,7 +19,7 @@ from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
 from chitu.ops.torch_ref import moe as ref_moe  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, moe_config, moe_routing, norm, rotary  # noqa: E402
+from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, moe_config, moe_routing, norm, pdl, rotary  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -157,6 +157,48 @@ def test_gemv_tiles(tile, dtype):
     out, normed, summed = gemv.norm_gemv(x, residual, norm_weight, 1e-6, w, out=poisoned((1, n), dtype), tile=tile)
     assert torch.equal(summed, x + residual)
     assert_close(out, torch.nn.functional.linear(normed.float(), w.float()), ELEMENTWISE_TOL[dtype])
+
+
+def _dependent_chain(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor,
+                     outs: list[torch.Tensor]) -> None:
+    """Triton kernels back to back, each reading what the one before wrote (some a residual two links
+    back too), nothing else launched between them."""
+    for i, (w, out) in enumerate(zip(weights, outs)):
+        if i % 3 == 0:
+            gemv.gemv(x, w, out=out)
+        elif i % 3 == 1:
+            gemv.norm_gemv(x, outs[i - 2] if i >= 2 else None, norm_weight, 1e-6, w, out=out)
+        else:
+            norm.rms_norm(x, norm_weight, 1e-6, out=out)
+        x = out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs sm90 or later")
+def test_dependent_launches_in_a_graph_equal_plain_launches():
+    """With PDL every kernel may start before the one before it ends: in a CUDA graph of 60 dependent
+    links over NaN-poisoned buffers, a read before its producer finished would show as NaN or a difference."""
+    k = 4096
+    weights = [randn(k, k, dtype=torch.bfloat16) / k**0.5 for _ in range(60)]
+    x, norm_weight = randn(1, k, dtype=torch.bfloat16), randn(k, dtype=torch.bfloat16)
+    outs = [poisoned((1, k), torch.bfloat16) for _ in weights]
+    pdl.enabled = False
+    try:
+        _dependent_chain(x, weights, norm_weight, outs)
+        expected = [o.clone() for o in outs]
+    finally:
+        pdl.enabled = True
+    _dependent_chain(x, weights, norm_weight, outs)  # compiles the PDL variants outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _dependent_chain(x, weights, norm_weight, outs)
+    for _ in range(5):
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, expected):
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("tokens", [1, 3])

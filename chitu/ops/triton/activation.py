@@ -3,11 +3,15 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, width, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -26,5 +30,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     width = x.shape[-1] // 2
     if out is None:
         out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
-    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(width, BLOCK))](x2, x2.stride(0), out, width, BLOCK=BLOCK)
+    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(width, BLOCK))](x2, x2.stride(0), out, width, BLOCK=BLOCK,
+                                                                  **pdl.launch_options(x.device))
     return out

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
 from chitu.ops.triton.dot import dot
 
 LOG2E = 1.4426950408889634
@@ -72,7 +73,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, context_lens_ptr, mid_
                          v_stride_block, v_stride_token, v_stride_head, qk_scale, split_len,
                          EVEN_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_V: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -110,7 +113,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, context_lens_ptr, mid_
 
 @triton.jit
 def _decode_merge_kernel(mid_out_ptr, mid_lse_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     rows = (seq * tl.num_programs(1) + head) * num_splits + tl.arange(0, BLOCK_S)
@@ -218,11 +223,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         EVEN_SPLITS=splits >= EVEN_SPLITS_FROM, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_SIZE=block_size, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=_block_of(head_dim), BLOCK_DV=block_dv, BLOCK_N=DECODE_BLOCK_N,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES, **pdl.launch_options(q.device),
     )
     _decode_merge_kernel[(batch, heads)](
         mid_out, mid_lse, out, out.stride(0), out.stride(1), splits,
         HEAD_DIM=head_dim_v, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_dv,
+        **pdl.launch_options(q.device),
     )
     return out
 

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
 from chitu.ops.triton.tuned_table import gpu_table
 
 CONFIG_DIR = Path(__file__).with_name("gemv_configs")
@@ -79,10 +80,17 @@ def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, eps,
-                 HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
     program = tl.program_id(0)
     rows = program * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * w_stride
+    # the first chunk of weights is read while the kernel before this one finishes
+    cols = tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
+    pdl.wait_for_previous(PDL)
     rstd = 1.0
     if HAS_NORM:
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -91,19 +99,27 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, nor
             h = _summed_chunk(x_ptr, res_ptr, cols, cols < K, HAS_RESIDUAL).to(tl.float32)
             squares += h * h
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = w_first.to(tl.float32) * _x_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, 0, K, rstd,
+                                            program == 0, HAS_NORM, HAS_RESIDUAL, BLOCK_K)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        if HAS_NORM:
-            x = _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col_mask, rstd,
-                              program == 0, HAS_RESIDUAL).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * w_stride + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        x = _x_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, k0, K, rstd, program == 0, HAS_NORM,
+                     HAS_RESIDUAL, BLOCK_K)
+        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _x_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, k0, K, rstd, writes, HAS_NORM: tl.constexpr,
+             HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The input row's chunk at k0 in fp32: x itself, or normalised (see _normed_chunk)."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    if HAS_NORM:
+        return _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col_mask, rstd, writes,
+                             HAS_RESIDUAL).to(tl.float32)
+    return tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
 
 
 _autotuned_kernel = triton.autotune(configs=[tile.triton_config() for tile in CANDIDATES],
@@ -118,13 +134,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, nor
     residual, norm_weight, normed, residual_out, eps, has_norm, has_residual = norm_args
     args = (x.contiguous(), weight, weight.stride(0), out, n, k, residual, norm_weight, normed, residual_out, eps)
     tile = tile or tuned_tile(weight.device.index or 0, n, k, has_norm, weight.dtype)
+    options = pdl.launch_options(x.device)
     if tile is None:
         _autotuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual)
+            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, **options)
     else:
         _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
             *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-            num_warps=tile.num_warps, num_stages=tile.num_stages)
+            num_warps=tile.num_warps, num_stages=tile.num_stages, **options)
     return out
 
 

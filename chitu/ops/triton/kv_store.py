@@ -3,6 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
+
 
 @triton.jit
 def _store_rows(src_ptr, stride_t, stride_h, cache_ptr, token, slot, HEADS: tl.constexpr, DIM: tl.constexpr,
@@ -17,7 +19,9 @@ def _store_rows(src_ptr, stride_t, stride_h, cache_ptr, token, slot, HEADS: tl.c
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                      HEADS: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + token).to(tl.int64)
     _store_rows(k_ptr, stride_kt, stride_kh, k_cache_ptr, token, slot, HEADS, K_DIM, BLOCK_H, BLOCK_K)
@@ -35,4 +39,5 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_dim = v.shape[2]
     _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                 HEADS=heads, K_DIM=k_dim, V_DIM=v_dim, BLOCK_H=triton.next_power_of_2(heads),
-                                BLOCK_K=triton.next_power_of_2(k_dim), BLOCK_V=triton.next_power_of_2(v_dim))
+                                BLOCK_K=triton.next_power_of_2(k_dim), BLOCK_V=triton.next_power_of_2(v_dim),
+                                **pdl.launch_options(k.device))

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
 from chitu.ops.triton.dot import dot
 from chitu.ops.triton.attention import EVEN_SPLITS_FROM, LOG2E, _decode_merge_kernel, _decode_splits
 
@@ -111,7 +112,8 @@ def latent_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tens
             mid_out, mid_lse, split_len, split=True)
     out = torch.empty(batch, heads, latent, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(batch, heads)](mid_out, mid_lse, out, out.stride(0), out.stride(1), splits, HEAD_DIM=latent,
-                                         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(latent))
+                                         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(latent),
+                                         **pdl.launch_options(out.device))
     return out
 
 

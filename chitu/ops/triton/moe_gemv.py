@@ -13,13 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
 from chitu.ops.triton.moe_config import GemvConfig
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, num_local,
-                    stride_xm, stride_we, stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    stride_xm, stride_we, stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PDL: tl.constexpr):
     """out[slot, n] = silu(x[token] . W_gate[n]) * (x[token] . W_up[n]) for one slot and a band of n."""
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     slot = tl.program_id(0)
     expert = tl.load(ids_ptr + slot).to(tl.int64) - first_expert
     if (expert < 0) | (expert >= num_local):  # held elsewhere: the second kernel skips the slot
@@ -50,10 +54,12 @@ def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, n
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, top_k, first_expert, num_local,
                  stride_am, stride_we, stride_wn, stride_om,
-                 BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] = sum_j routing[t, j] * (a[slot t*top_k + j] . W_down[expert of the slot][n]), a band of n.
     The top-k experts' rows are read in one [BLOCK_J, BLOCK_N, BLOCK_K] tile, so that enough bytes are in
     flight per program."""
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     token = tl.program_id(0)
     offs_j = tl.arange(0, BLOCK_J)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,10 +100,12 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, we
     _gate_up_kernel[(ids.numel(), triton.cdiv(inter, config.up_block_n))](
         x, gate_up, ids, activated, inter, hidden, top_k, first_expert, num_local,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), activated.stride(0),
-        BLOCK_N=config.up_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        BLOCK_N=config.up_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        **pdl.launch_options(x.device))
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_tokens, triton.cdiv(hidden, config.down_block_n))](
         activated, down, ids, weights.reshape(-1).float(), out, hidden, inter, top_k, first_expert, num_local,
         activated.stride(0), down.stride(0), down.stride(1), out.stride(0), BLOCK_J=triton.next_power_of_2(top_k),
-        BLOCK_N=config.down_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
+        BLOCK_N=config.down_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        **pdl.launch_options(x.device))
     return out

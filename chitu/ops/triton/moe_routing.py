@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
+
 
 @triton.jit
 def _first_max(values, offs, BLOCK: tl.constexpr):
@@ -18,7 +20,9 @@ def _first_max(values, offs, BLOCK: tl.constexpr):
 def _select_kernel(logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_l, scaling,
                    TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
                    GROUPS: tl.constexpr, TOP_GROUPS: tl.constexpr, GROUP_BY_MAX: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
@@ -82,5 +86,6 @@ def select_experts(router_logits: torch.Tensor, top_k: int, scoring: str, renorm
             HAS_BIAS=correction_bias is not None, RENORMALIZE=renormalize, GROUPS=num_groups,
             TOP_GROUPS=top_groups, GROUP_BY_MAX=group_by_max, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
             # one warp reduces by shuffles alone, no shared-memory round trips: the k picks are serial
-            BLOCK_G=triton.next_power_of_2(num_groups), num_warps=max(1, block_e // 256))
+            BLOCK_G=triton.next_power_of_2(num_groups), num_warps=max(1, block_e // 256),
+            **pdl.launch_options(router_logits.device))
     return weights, ids

@@ -4,13 +4,17 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton import pdl
+
 ELEMENTS_PER_PROGRAM = 4096
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride_t, x_stride_h, res_ptr, res_stride_t, res_stride_h,
                      w_ptr, out_ptr, res_out_ptr, num_rows, heads, width, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_COLS)
     mask = (rows < num_rows)[:, None] & (cols < width)[None, :]
@@ -48,7 +52,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x3, x3.stride(0), x3.stride(1), res3, res3.stride(0), res3.stride(1), weight, out,
         out if residual_out is None else residual_out, tokens * heads, heads, width, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-        num_warps=min(16, max(4, block_cols // 512)),
+        num_warps=min(16, max(4, block_cols // 512)), **pdl.launch_options(x.device),
     )
 
 

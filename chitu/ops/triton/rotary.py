@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from chitu.ops.torch_ref.rotary import HeadNorm
+from chitu.ops.triton import pdl
 
 HEADS_PER_PROGRAM = 16
 
@@ -15,7 +16,9 @@ HEADS_PER_PROGRAM = 16
 def _rotary_kernel(x_ptr, x_stride_t, x_stride_h, cos_ptr, sin_ptr, cs_stride_t, out_ptr,
                    w_low_ptr, w_high_ptr, split, eps, heads, head_dim, half_rot,
                    INTERLEAVED: tl.constexpr, NORM: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+                   BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, PDL: tl.constexpr):
+    pdl.let_next_start(PDL)
+    pdl.wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = head < heads
@@ -109,6 +112,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
         BLOCK_PASS=triton.next_power_of_2(pass_width) if pass_width else 0,
         # the compiler turns each rounded product into a 16-bit multiply; fused into an FMA, a product
         # would skip its rounding and the result would differ from the reference's in the last bit
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **pdl.launch_options(x.device),
     )
     return out
