@@ -283,7 +283,8 @@ def test_moe_models_leave_cuda_graphs_off_until_their_experts_can_be_captured(fa
 
 @pytest.mark.parametrize("quantization_config, message", [
     (dict(quant_method="fp8", fmt="e4m3", weight_block_size=[128, 128]),
-     "FP8 block-quantized \\(fmt=e4m3, weight_block_size=\\[128, 128\\]\\); running fp8 weights \\(W8A8\\) is not built"),
+     "FP8 block-quantized \\(fmt=e4m3, weight_block_size=\\[128, 128\\]\\); its fp8 weights run as W8A8 on GPUs "
+     "of compute capability 8.9 or later, not on the CPU"),
     (dict(quant_method="fp8", fmt="e4m3"), "quant_method='fp8' \\(fmt=e4m3\\)"),
     (dict(quant_method="awq", bits=3), "AWQ-quantized with bits=3; Chitu runs 4-bit"),
     (dict(quant_method="compressed-tensors"), "quant_method='compressed-tensors'"),

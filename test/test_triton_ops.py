@@ -16,10 +16,12 @@ from chitu.ops import moe as moe_ops  # noqa: E402
 from chitu.ops.attention_metadata import AttentionMetadata  # noqa: E402
 from chitu.ops.torch_ref import activation as ref_activation  # noqa: E402
 from chitu.ops.torch_ref import attention as ref_attention  # noqa: E402
+from chitu.ops.torch_ref import fp8 as ref_fp8  # noqa: E402
 from chitu.ops.torch_ref import moe as ref_moe  # noqa: E402
 from chitu.ops.torch_ref import norm as ref_norm  # noqa: E402
 from chitu.ops.torch_ref import rotary as ref_rotary  # noqa: E402
-from chitu.ops.triton import activation, attention, fused_moe, gemv, kv_store, moe_config, moe_routing, norm, pdl, rotary  # noqa: E402
+from chitu.ops.triton import (activation, attention, fp8_gemm, fused_moe, gemv, kv_store, moe_config,  # noqa: E402
+                              moe_routing, norm, pdl, rotary)
 
 DEVICE = "cuda"
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -530,3 +532,40 @@ def test_align_kernel_equals_torch_alignment(tokens, experts, top_k, held, block
 
 def test_untuned_moe_shape_falls_back_to_the_heuristic():
     assert moe_config.config_for(torch.device(DEVICE), 7, 100, 64, 2, 5) == moe_config.default_config(10, 5)
+
+
+# ---- FP8 block-scaled W8A8 (sm89+)
+
+needs_fp8 = pytest.mark.skipif(torch.cuda.get_device_capability() < (8, 9), reason="e4m3 tensor cores need sm89+")
+
+
+@needs_fp8
+@pytest.mark.parametrize("rows,width", [(1, 128), (5, 300), (77, 7168), (1, 576)])
+def test_quantize_groups_equals_reference_bitwise(rows, width):
+    x = 10 * randn(rows, width, dtype=torch.bfloat16)
+    x[0, :7] = 0  # a group with zeros, and one (width 300: the last) partial
+    codes, scale = fp8_gemm.quantize_groups(x, 128)
+    want_codes, want_scale = ref_fp8.quantize_groups(x, 128)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+def _block_fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random e4m3 codes and block multipliers of very different sizes, as DeepSeek's checkpoints hold them."""
+    codes = (randn(n, k, dtype=torch.float32) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(-(-n // 128), -(-k // 128), device=DEVICE) * 1e-3 + 1e-5
+    return codes, scale
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (3, 1000, 300), (16, 2048, 512), (64, 384, 1536),
+                                   (257, 24576, 1536), (4096, 256, 7168)])
+def test_block_fp8_linear(dtype, m, n, k):
+    """Partial edge blocks along N and K (1000, 300, 576); the reference dequantizes both operands."""
+    weight, scale = _block_fp8_weight(n, k)
+    x = randn(m, k, dtype=dtype)
+    out = fp8_gemm.block_fp8_linear(x, weight, scale, (128, 128))
+    assert out.dtype == dtype and not out.isnan().any()
+    # e4m3 products on the tensor cores add with fewer than float32's bits within each 128-deep block
+    assert_close(out, ref_fp8.block_fp8_linear(x.float(), weight, scale, (128, 128)), 4e-3)

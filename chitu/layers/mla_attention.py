@@ -57,7 +57,15 @@ class MLAAttention(nn.Module):
         self.num_heads = heads.length
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
-        hidden, bias, method = config.hidden_size, config.attention_bias, ctx.quant.linear_method
+        hidden, bias = config.hidden_size, config.attention_bias
+
+        def method(name: str, read_as_matrix: bool = False):
+            """The projection's linear method; one whose weight this layer reads as a matrix (to fold it, or
+            to split kv_b_proj per head) holds it dense."""
+            chosen = ctx.quant.linear_method(name)
+            return chosen.dense() if read_as_matrix else chosen
+
+        folds = self.mla_absorb == "absorb"
 
         def per_head(width: int) -> list[tuple[None, Span]]:
             return [(None, Span(heads.start * width, heads.length * width))]
@@ -72,16 +80,16 @@ class MLAAttention(nn.Module):
                                                  method(f"{prefix}.q_a_proj"))
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS, dtype)
             self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, per_head(q_width), False, dtype,
-                                                 method(f"{prefix}.q_b_proj"))
+                                                 method(f"{prefix}.q_b_proj", folds))
         else:
-            self.q_proj = ColumnParallelLinear(hidden, per_head(q_width), False, dtype, method(f"{prefix}.q_proj"))
+            self.q_proj = ColumnParallelLinear(hidden, per_head(q_width), False, dtype, method(f"{prefix}.q_proj", folds))
         self.kv_a_proj_with_mqa = ColumnParallelLinear(hidden, replicated(self.kv_lora_rank + self.rope), bias, dtype,
                                                        method(f"{prefix}.kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, per_head(self.nope + self.v_dim), False, dtype,
-                                              method(f"{prefix}.kv_b_proj"))
+                                              method(f"{prefix}.kv_b_proj", self.mla_absorb != "none"))
         self.o_proj = RowParallelLinear(Span(heads.start * self.v_dim, heads.length * self.v_dim), hidden, bias,
-                                        dtype, method(f"{prefix}.o_proj"))
+                                        dtype, method(f"{prefix}.o_proj", folds))
         self.rotary = rotary
         scale = softmax_scale(config)
         self.attn = (PagedAttention(self.num_heads, self.num_heads, q_width, scale, dtype, self.v_dim)

@@ -4,9 +4,11 @@ import torch.nn.functional as F
 
 from chitu.ops import triton as triton_ops
 from chitu.ops.cpu import linear as cpu_kernels
+from chitu.ops.torch_ref import fp8 as ref_fp8
 from chitu.quant.grouped_codes import GroupedCodes
 
 if triton_ops.AVAILABLE:
+    from chitu.ops.triton import fp8_gemm
     from chitu.ops.triton import gemv as kernels
     from chitu.ops.triton import grouped_codes as codes_kernels
 
@@ -51,3 +53,12 @@ def grouped_codes_linear(x: torch.Tensor, weight: GroupedCodes) -> torch.Tensor:
     if triton_ops.enabled(x):
         return codes_kernels.grouped_codes_linear(x, weight)
     return F.linear(x, weight.dequantize().to(x.dtype))
+
+
+def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                     block: tuple[int, int]) -> torch.Tensor:
+    """x W^T in x's dtype for an e4m3 weight with block multipliers (quant/fp8_block.py), as W8A8: the Triton
+    GEMM on CUDA, the reference (both operands dequantized) elsewhere."""
+    if triton_ops.enabled(x) and x.dtype in (torch.bfloat16, torch.float16) and block[1] == 128:
+        return fp8_gemm.block_fp8_linear(x, weight, scale_inv, block)
+    return ref_fp8.block_fp8_linear(x, weight, scale_inv, block)

@@ -1,7 +1,7 @@
 """Which linear method each layer of a checkpoint gets, from its `quantization_config`.
 
-Unquantized weights, and FP8 block-quantized ones dequantized at load (`infer.raise_lower_bit_float_to=
-bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read, or with quant=gguf kept
+Unquantized weights; FP8 block-quantized ones kept in fp8 (W8A8 on GPUs of compute capability 8.9+) or
+dequantized at load (`infer.raise_lower_bit_float_to=bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read, or with quant=gguf kept
 in their blocks (quant/gguf_blocks.py); 4-bit AWQ (GEMM) and GPTQ checkpoints keep their int4 groups
 (quant/int4_groups.py). A checkpoint declaring any other quantization, or settings of these that Chitu
 has no kernel for, is refused with its name: loading its packed or fp8 tensors as plain weights, without
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PretrainedConfig
 
 from chitu.quant.awq_gptq import Int4Format
 from chitu.quant.errors import UnsupportedQuantizationError
-from chitu.quant.fp8_block import Fp8BlockDequantizedMethod
+from chitu.quant.fp8_block import Fp8BlockDequantizedMethod, Fp8BlockMethod
 from chitu.quant.gguf_blocks import GGUF_BLOCKS
 from chitu.quant.int4_groups import Int4GroupsMethod
 from chitu.quant.int8 import Int8DynamicActivationMethod, Int8WeightOnlyMethod
@@ -47,8 +48,9 @@ class QuantConfig:
 
     @classmethod
     def from_checkpoint(cls, config: PretrainedConfig, raise_lower_bit_float_to: str = "float8_e4m3fn",
-                        quantize_on_load: str | None = None) -> QuantConfig:
-        """raise_lower_bit_float_to: `bfloat16` dequantizes fp8 weights at load; the default keeps them fp8.
+                        quantize_on_load: str | None = None, device: torch.device | None = None) -> QuantConfig:
+        """raise_lower_bit_float_to: `bfloat16` dequantizes fp8 weights at load; the default keeps them fp8
+        (on `device`, the default device unless given: GPUs with e4m3 tensor cores only).
         quantize_on_load: the method (QUANTIZE_ON_LOAD) that quantizes an unquantized checkpoint as it loads."""
         declared = getattr(config, "quantization_config", None)
         if quantize_on_load:
@@ -62,11 +64,11 @@ class QuantConfig:
             return cls._int4_groups(config, method, declared)
         details = ", ".join(f"{k}={declared[k]}" for k in ("fmt", "bits", "weight_block_size") if k in declared)
         if method == "fp8" and declared.get("weight_block_size"):
+            block = tuple(declared["weight_block_size"])
             if raise_lower_bit_float_to == "bfloat16":
-                return cls(Fp8BlockDequantizedMethod(tuple(declared["weight_block_size"])))
-            raise UnsupportedQuantizationError(
-                f"the checkpoint is FP8 block-quantized ({details}); running fp8 weights (W8A8) is not built "
-                f"yet: set infer.raise_lower_bit_float_to=bfloat16 to dequantize them at load")
+                return cls(Fp8BlockDequantizedMethod(block))
+            _check_fp8_device(details, device or torch.get_default_device())
+            return cls(Fp8BlockMethod(block))
         raise UnsupportedQuantizationError(
             f"the checkpoint is quantized with quant_method={method!r}{f' ({details})' if details else ''}; "
             f"Chitu has no linear method for {method!r} yet: use the unquantized (bf16) checkpoint, or a GGUF file")
@@ -134,3 +136,18 @@ class QuantConfig:
         if self.experts is not None and prefix.rpartition(".")[0].endswith("experts"):
             return self.experts
         return self.method
+
+
+FP8_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada and Hopper on
+
+
+def _check_fp8_device(details: str, device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY:
+        return
+    where = ("the CPU" if device.type == "cpu" else
+             f"this GPU (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+             if device.type == "cuda" else f"device={device.type}")
+    raise UnsupportedQuantizationError(
+        f"the checkpoint is FP8 block-quantized ({details}); its fp8 weights run as W8A8 on GPUs of compute "
+        f"capability {'.'.join(map(str, FP8_CAPABILITY))} or later, not on {where}: set "
+        f"infer.raise_lower_bit_float_to=bfloat16 to dequantize them at load")

@@ -41,6 +41,12 @@ class LinearMethod(ABC):
         """apply() to an input whose RMSNorm is still pending (layers/norm.py)."""
         return self.apply(layer, x.normed, bias)
 
+    def dense(self) -> LinearMethod:
+        """The method holding this format's weights as dense matrices in the compute dtype, for a layer that
+        reads its weight as a matrix (MLA's folded projections). The unquantized method dequantizes GGUF
+        tensors as it reads them."""
+        return UNQUANTIZED
+
     def stacked(self, layer: nn.Module):
         """A stacked experts' weight as the MoE operations take it: the dense [E, out, in] tensor, or an
         object with `shape` and `expert_linear(e, x)` (quantized experts, on the torch reference)."""
@@ -60,6 +66,9 @@ class UnquantizedLinearMethod(LinearMethod):
         target = layer.weight if expert is None else layer.weight[expert]
         rows = [self.read_part(reader, prefix, shard, target) for prefix, shard in parts]
         copy_into(target, rows[0] if len(rows) == 1 else torch.cat(rows, dim=0), f"{parts[0][0]}.weight")
+
+    def dense(self) -> LinearMethod:
+        return self
 
     def read_part(self, reader: CheckpointReader, prefix: str, shard: Shard | None, target: torch.Tensor) -> torch.Tensor:
         """The weight of module `prefix` cut to `shard`, in the target's dtype and on its device."""
