@@ -23,7 +23,7 @@ from chitu.ops.torch_ref import attention as ref_attention
 from chitu.ops.torch_ref import moe as ref_moe
 from chitu.ops.torch_ref import norm as ref_norm
 from chitu.ops.torch_ref import rotary as ref_rotary
-from chitu.ops.triton import activation, attention, fused_moe, gemv, norm, rotary
+from chitu.ops.triton import activation, attention, fp8_gemm, fused_moe, gemv, norm, rotary
 
 DTYPE = torch.bfloat16
 TOKENS = 8192  # a large prefill step
@@ -177,6 +177,25 @@ def decode_projection_cases() -> list[Case]:
             router_case(128, 2048)]
 
 
+def fp8_gemm_case(name: str, m: int, n: int, k: int) -> Case:
+    """W8A8 with 128 x 128 weight blocks (activation quantization included) against the bf16 GEMM of the same
+    shape: the "speedup" is the fp8 rate over the bf16 one. One row reports the weight bytes streamed."""
+    weight = (randn(n, k, dtype=torch.float32) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.rand(-(-n // 128), -(-k // 128), device="cuda") * 1e-3
+    x, dense = randn(m, k), randn(n, k)
+    return Case(f"fp8 gemm {name}", f"M={m} [{n}, {k}]",
+                lambda: fp8_gemm.block_fp8_linear(x, weight, scale, (128, 128)),
+                lambda: torch.nn.functional.linear(x, dense),
+                bytes_moved=weight.nbytes if m == 1 else 0, flops=2 * m * n * k)
+
+
+def fp8_gemm_cases() -> list[Case]:
+    """DeepSeek-V3's projection shapes (whole, as on one GPU)."""
+    shapes = {"V3 q_a_proj": (1536, 7168), "V3 q_b_proj": (24576, 1536), "V3 kv_a_proj": (576, 7168),
+              "V3 o_proj": (7168, 16384), "V3 gate_up_proj": (36864, 7168), "V3 down_proj": (7168, 18432)}
+    return [fp8_gemm_case(name, m, *shape) for m in (1, 64, 4096) for name, shape in shapes.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=[], help="the cases whose kernel name has one of these words")
@@ -186,7 +205,7 @@ def main() -> None:
     cases = elementwise_cases() + decode_projection_cases() + [
         decode_case(64, 4096), decode_case(256, 1024), decode_case(8, 32768), decode_case(1, 8192), decode_case(1, 256),
         prefill_case([2048], [2048]), prefill_case([512] * 4, [2048] * 4),
-        latent_decode_case(64, 4096, 16), latent_decode_case(64, 4096, 128), latent_decode_case(1, 4096, 16)] + moe_cases()
+        latent_decode_case(64, 4096, 16), latent_decode_case(64, 4096, 128), latent_decode_case(1, 4096, 16)] + moe_cases() + fp8_gemm_cases()
     cases = [c for c in cases if not args.only or any(word in c.kernel for word in args.only)]
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy:.0f} GB/s (read + write)")
     print(f"{'kernel':<30} {'shape':<40} {'triton µs':>10} {'torch µs':>10} {'speedup':>8}  achieved")

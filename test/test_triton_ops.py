@@ -30,6 +30,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # float32 only the order of the sums differs (tl.dot kept exact, dot.py)
 ELEMENTWISE_TOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-5}
 ATTENTION_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+needs_fp8 = pytest.mark.skipif(torch.cuda.get_device_capability() < (8, 9), reason="e4m3 tensor cores need sm89+")
 
 
 @pytest.fixture(autouse=True)
@@ -471,6 +472,31 @@ def test_fused_moe_holding_some_experts(dtype, path):
     assert_close(actual, moe_fp32_reference(*case), ATTENTION_TOL[dtype])
 
 
+def fp8_stack(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 codes, multipliers per 128 x 128 block, the dequantized stack in float32) of a stack [E, out, in]."""
+    experts, rows, cols = stack.shape
+    blocks = stack.float().view(experts, rows // 128, 128, cols // 128, 128)
+    scale = blocks.abs().amax(dim=(2, 4)).clamp_min(1e-12) / 448
+    codes = (blocks / scale[:, :, None, :, None]).to(torch.float8_e4m3fn)
+    dequantized = codes.float() * scale[:, :, None, :, None]
+    return codes.view(experts, rows, cols), scale, dequantized.view(experts, rows, cols)
+
+
+@needs_fp8
+@pytest.mark.parametrize("path", MOE_PATHS)
+@pytest.mark.parametrize("tokens", [1, 3, 64, 257])
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (128, 8)])
+def test_fused_moe_of_fp8_block_stacks(tokens, experts, top_k, path):
+    """e4m3 experts (DeepSeek's, Qwen3-MoE-FP8's) read with their block multipliers, against the dequantized
+    stacks; 384 wide (3 blocks) in and out, so that tiles meet several blocks and the up half its own."""
+    x, gate_up, down, weights, ids, first = moe_case(tokens, experts, top_k, hidden=384, inter=384, dtype=torch.bfloat16)
+    (gate_up, gate_up_scale, gate_up_deq), (down, down_scale, down_deq) = fp8_stack(gate_up), fp8_stack(down)
+    actual = fused_moe.fused_experts(x, gate_up, down, weights, ids, first, config=MOE_PATHS[path](tokens, top_k),
+                                     gate_up_scale=gate_up_scale, down_scale=down_scale)
+    expected = moe_fp32_reference(x, gate_up_deq.bfloat16(), down_deq.bfloat16(), weights, ids, first)
+    assert_close(actual, expected, ATTENTION_TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 64, 257])
 @pytest.mark.parametrize("experts,top_k,scoring,renormalize,bias,groups,top_groups,scaling", [
     (8, 2, "softmax", True, False, 1, 1, 1.0), (60, 8, "softmax", False, False, 1, 1, 1.0),
@@ -536,7 +562,6 @@ def test_untuned_moe_shape_falls_back_to_the_heuristic():
 
 # ---- FP8 block-scaled W8A8 (sm89+)
 
-needs_fp8 = pytest.mark.skipif(torch.cuda.get_device_capability() < (8, 9), reason="e4m3 tensor cores need sm89+")
 
 
 @needs_fp8

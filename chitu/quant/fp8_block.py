@@ -4,13 +4,14 @@ and the Qwen3 -FP8 checkpoints store them; norms, routers and the embedding are 
 
 By default (`infer.raise_lower_bit_float_to=float8_e4m3fn`) the weights stay fp8 with their multipliers and
 multiply as W8A8 (activations quantized per token and per 128 channels; ops/linear.block_fp8_linear) on
-GPUs with e4m3 tensor cores. With `bfloat16` they are dequantized once, as they load, into the compute dtype:
+GPUs with e4m3 tensor cores (routed experts as W8A16, Fp8ExpertStack). With `bfloat16` they are dequantized once, as they load, into the compute dtype:
 the way on the CPU and on older GPUs, and for weights a layer reads as a matrix (MLA's folded projections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chitu.checkpoint import CheckpointReader, Shard
@@ -53,8 +54,9 @@ class Fp8BlockDequantizedMethod(UnquantizedLinearMethod):
 
 @dataclass(frozen=True)
 class Fp8ExpertStack:
-    """Stacked fp8 experts [E, out, in] with their multipliers [E, out blocks, in blocks], for the MoE reference
-    (ops/torch_ref/moe.py), which multiplies each expert's rows through block_fp8_linear."""
+    """Stacked fp8 experts [E, out, in] with their multipliers [E, out blocks, in blocks]. The MoE kernels on CUDA
+    dequantize the codes to the activations' dtype as they read them (W8A16: a step's experts are bound by the
+    bytes they read, not by the tensor cores); elsewhere each expert's dequantized rows multiply on the reference."""
     weight: torch.Tensor
     scale_inv: torch.Tensor
     block: tuple[int, int]
@@ -63,8 +65,12 @@ class Fp8ExpertStack:
     def shape(self) -> torch.Size:
         return self.weight.shape
 
+    @property
+    def triton_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.weight, self.scale_inv) if self.block == (128, 128) else None
+
     def expert_linear(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return linear_ops.block_fp8_linear(x, self.weight[expert], self.scale_inv[expert], self.block)
+        return F.linear(x, dequantize_blocks(self.weight[expert], self.scale_inv[expert], self.block).to(x.dtype))
 
 
 class Fp8BlockMethod(LinearMethod):

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from chitu.ops.triton import moe_gemv
 from chitu.ops.triton.dot import dot
+from chitu.ops.triton.moe_gemv import FP8_BLOCK, dequantized, scale_strides
 from chitu.ops.triton.moe_config import BlockConfig, GemvConfig, MoEConfig, config_for
 
 
@@ -112,14 +113,15 @@ def align_to_blocks_kernel(ids: torch.Tensor, first_expert: int, num_local: int,
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, routing_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr,
+    a_ptr, w_ptr, scale_ptr, out_ptr, routing_ptr, sorted_slots_ptr, block_experts_ptr, num_padded_ptr,
     N, K, num_slots, top_k, max_padded, up_offset,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_om, stride_on,
-    A_ROWS_ARE_TOKENS: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_om, stride_on,
+    A_ROWS_ARE_TOKENS: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr, SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[slot, n] = (silu(a W_gate^T) * a W_up^T if GATED else a W^T)[n] (* routing[slot]) for the
-    slots of one block, all of one expert; a is the slot's token row (A_ROWS_ARE_TOKENS) or its own."""
+    slots of one block, all of one expert; a is the slot's token row (A_ROWS_ARE_TOKENS) or its own.
+    SCALED: W is e4m3 with a multiplier per 128 x 128 block (scale [E, N blocks, K blocks])."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(max_padded, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -144,13 +146,21 @@ def _grouped_gemm_kernel(
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    scale_rows = scale_ptr + expert * stride_se + (offs_n[None, :] // FP8_BLOCK) * stride_sn
+    up_scale_rows = scale_ptr + expert * stride_se + ((offs_n[None, :] + up_offset) // FP8_BLOCK) * stride_sn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        scale_cols = (k * BLOCK_K + offs_k[:, None]) // FP8_BLOCK
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if SCALED:
+            w = dequantized(w, scale_rows + scale_cols, w_mask, a.dtype)
         acc = dot(a, w, acc)
         if GATED:
-            w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=w_mask, other=0.0)
+            if SCALED:
+                w_up = dequantized(w_up, up_scale_rows + scale_cols, w_mask, a.dtype)
             acc_up = dot(a, w_up, acc_up)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -164,38 +174,41 @@ def _grouped_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
-def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, layout: BlockLayout, num_slots: int,
-                  top_k: int, config: BlockConfig, rows_are_tokens: bool, gated: bool,
-                  routing: torch.Tensor | None) -> None:
+def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
+                  layout: BlockLayout, num_slots: int, top_k: int, config: BlockConfig, rows_are_tokens: bool,
+                  gated: bool, routing: torch.Tensor | None) -> None:
     n = w.shape[1] // 2 if gated else w.shape[1]
     max_padded = layout.sorted_slots.numel()
     grid = (triton.cdiv(max_padded, config.block_m) * triton.cdiv(n, config.block_n),)
     _grouped_gemm_kernel[grid](
-        a, w, out, routing if routing is not None else out, layout.sorted_slots, layout.block_experts,
-        layout.num_padded, n, w.shape[2], num_slots, top_k, max_padded, n,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        A_ROWS_ARE_TOKENS=rows_are_tokens, GATED=gated, WEIGHTED=routing is not None,
+        a, w, w if scale is None else scale, out, routing if routing is not None else out, layout.sorted_slots,
+        layout.block_experts, layout.num_padded, n, w.shape[2], num_slots, top_k, max_padded, n,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), *scale_strides(scale),
+        out.stride(0), out.stride(1),
+        A_ROWS_ARE_TOKENS=rows_are_tokens, GATED=gated, WEIGHTED=routing is not None, SCALED=scale is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, first_expert: int, config: MoEConfig | None = None) -> torch.Tensor:
-    """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] on CUDA."""
+                  ids: torch.Tensor, first_expert: int, config: MoEConfig | None = None,
+                  gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] on CUDA. With the scales, the stacks are e4m3 with
+    a multiplier per 128 x 128 block (quant/fp8_block.py), dequantized to x's dtype as they are read."""
     num_tokens, top_k = ids.shape
     num_slots = num_tokens * top_k
     inter = gate_up.shape[1] // 2
     config = config or config_for(x.device, gate_up.shape[0], inter, x.shape[1], top_k, num_tokens)
     if isinstance(config, GemvConfig):
-        return moe_gemv.fused_experts(x, gate_up, down, weights, ids, first_expert, config)
+        return moe_gemv.fused_experts(x, gate_up, down, weights, ids, first_expert, config, gate_up_scale, down_scale)
     if x.dtype == torch.float32:  # twice the bytes of the (bf16-tuned) tiles: fewer of them in shared memory
         config = dataclasses.replace(config, num_stages=min(config.num_stages, 2))
     align = align_to_blocks_kernel if num_slots <= MAX_KERNEL_SLOTS else align_to_blocks
     layout = align(ids, first_expert, gate_up.shape[0], config.block_m)
     activated = torch.empty(num_slots, inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, gate_up, activated, layout, num_slots, top_k, config, rows_are_tokens=True, gated=True,
-                  routing=None)
+    _grouped_gemm(x, gate_up, gate_up_scale, activated, layout, num_slots, top_k, config, rows_are_tokens=True,
+                  gated=True, routing=None)
     out = torch.zeros(num_slots, down.shape[1], dtype=x.dtype, device=x.device)  # slots held elsewhere add 0
-    _grouped_gemm(activated, down, out, layout, num_slots, top_k, config, rows_are_tokens=False, gated=False,
-                  routing=weights.flatten().float())
+    _grouped_gemm(activated, down, down_scale, out, layout, num_slots, top_k, config, rows_are_tokens=False,
+                  gated=False, routing=weights.flatten().float())
     return out.view(num_tokens, top_k, -1).sum(dim=1)

@@ -16,11 +16,19 @@ import triton.language as tl
 from chitu.ops.triton import pdl
 from chitu.ops.triton.moe_config import GemvConfig
 
+FP8_BLOCK = tl.constexpr(128)  # e4m3 experts: one multiplier per 128 x 128 block of a stack (quant/fp8_block.py)
+
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, num_local,
-                    stride_xm, stride_we, stride_wn, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PDL: tl.constexpr):
+def dequantized(w, scale_ptrs, mask, dtype: tl.constexpr):
+    """e4m3 codes times their blocks' multipliers, rounded to `dtype` as dequantizing the stack rounds them."""
+    return (w.to(tl.float32) * tl.load(scale_ptrs, mask=mask, other=0.0)).to(dtype)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, scale_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, num_local,
+                    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om, SCALED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[slot, n] = silu(x[token] . W_gate[n]) * (x[token] . W_up[n]) for one slot and a band of n."""
     pdl.let_next_start(PDL)
     pdl.wait_for_previous(PDL)
@@ -35,15 +43,23 @@ def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, n
     w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
     gate = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    gate_scales = scale_ptr + expert * stride_se + (offs_n[:, None] // FP8_BLOCK) * stride_sn
+    up_scales = scale_ptr + expert * stride_se + ((offs_n[:, None] + N) // FP8_BLOCK) * stride_sn
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         mask = n_mask[:, None] & k_mask[None, :]
-        gate += tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32) * x
-        up += tl.load(w_ptrs + N * stride_wn, mask=mask, other=0.0).to(tl.float32) * x
+        w_gate = tl.load(w_ptrs, mask=mask, other=0.0)
+        w_up = tl.load(w_ptrs + N * stride_wn, mask=mask, other=0.0)
+        if SCALED:
+            scale_cols = (k0 + offs_k[None, :]) // FP8_BLOCK
+            w_gate = dequantized(w_gate, gate_scales + scale_cols, mask, dtype)
+            w_up = dequantized(w_up, up_scales + scale_cols, mask, dtype)
+        gate += w_gate.to(tl.float32) * x
+        up += w_up.to(tl.float32) * x
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    dtype = out_ptr.dtype.element_ty
     g = tl.sum(gate, axis=1)
     # rounded to the activations' dtype where the torch reference rounds: the projections, then silu
     g = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
@@ -52,8 +68,8 @@ def _gate_up_kernel(x_ptr, w_ptr, ids_ptr, out_ptr, N, K, top_k, first_expert, n
 
 
 @triton.jit
-def _down_kernel(a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, top_k, first_expert, num_local,
-                 stride_am, stride_we, stride_wn, stride_om,
+def _down_kernel(a_ptr, w_ptr, scale_ptr, ids_ptr, routing_ptr, out_ptr, N, K, top_k, first_expert, num_local,
+                 stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om, SCALED: tl.constexpr,
                  BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] = sum_j routing[t, j] * (a[slot t*top_k + j] . W_down[expert of the slot][n]), a band of n.
     The top-k experts' rows are read in one [BLOCK_J, BLOCK_N, BLOCK_K] tile, so that enough bytes are in
@@ -74,14 +90,18 @@ def _down_kernel(a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, top_k, first
               + offs_k[None, None, :])
     rows_mask = held[:, None, None] & n_mask[None, :, None]
     acc = tl.zeros((BLOCK_J, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    scale_rows = scale_ptr + experts[:, None, None] * stride_se + (offs_n[None, :, None] // FP8_BLOCK) * stride_sn
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
+        mask = rows_mask & k_mask[None, None, :]
         a = tl.load(a_ptrs, mask=held[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptrs, mask=rows_mask & k_mask[None, None, :], other=0.0).to(tl.float32)
-        acc += w * a[:, None, :]
+        w = tl.load(w_ptrs, mask=mask, other=0.0)
+        if SCALED:
+            w = dequantized(w, scale_rows + (k0 + offs_k[None, None, :]) // FP8_BLOCK, mask, dtype)
+        acc += w.to(tl.float32) * a[:, None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    dtype = out_ptr.dtype.element_ty
     # each expert's output rounded, then weighted and rounded, as the torch reference does before its sum
     y = tl.sum(acc, axis=2).to(dtype).to(tl.float32)
     routing = tl.load(routing_ptr + slots, mask=held, other=0.0)
@@ -90,22 +110,34 @@ def _down_kernel(a_ptr, w_ptr, ids_ptr, routing_ptr, out_ptr, N, K, top_k, first
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, first_expert: int, config: GemvConfig) -> torch.Tensor:
-    """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] bf16/fp16 on CUDA and few tokens."""
+                  ids: torch.Tensor, first_expert: int, config: GemvConfig, gate_up_scale: torch.Tensor | None = None,
+                  down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """As chitu.ops.torch_ref.moe.fused_experts, for x [T, H] bf16/fp16 on CUDA and few tokens; with the scales,
+    e4m3 stacks with a multiplier per 128 x 128 block."""
     num_tokens, top_k = ids.shape
     num_local, inter, hidden = gate_up.shape[0], gate_up.shape[1] // 2, x.shape[1]
     assert gate_up.stride(2) == 1 and down.stride(2) == 1 and x.stride(1) == 1
     ids = ids.reshape(-1)
+    options = pdl.launch_options(x.device)
     activated = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(ids.numel(), triton.cdiv(inter, config.up_block_n))](
-        x, gate_up, ids, activated, inter, hidden, top_k, first_expert, num_local,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), activated.stride(0),
-        BLOCK_N=config.up_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        **pdl.launch_options(x.device))
+        x, gate_up, gate_up if gate_up_scale is None else gate_up_scale, ids, activated, inter, hidden, top_k,
+        first_expert, num_local, x.stride(0), gate_up.stride(0), gate_up.stride(1), *scale_strides(gate_up_scale),
+        activated.stride(0), SCALED=gate_up_scale is not None, BLOCK_N=config.up_block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, **options)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _down_kernel[(num_tokens, triton.cdiv(hidden, config.down_block_n))](
-        activated, down, ids, weights.reshape(-1).float(), out, hidden, inter, top_k, first_expert, num_local,
-        activated.stride(0), down.stride(0), down.stride(1), out.stride(0), BLOCK_J=triton.next_power_of_2(top_k),
-        BLOCK_N=config.down_block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
-        **pdl.launch_options(x.device))
+        activated, down, down if down_scale is None else down_scale, ids, weights.reshape(-1).float(), out, hidden,
+        inter, top_k, first_expert, num_local, activated.stride(0), down.stride(0), down.stride(1),
+        *scale_strides(down_scale), out.stride(0), SCALED=down_scale is not None,
+        BLOCK_J=triton.next_power_of_2(top_k), BLOCK_N=config.down_block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, **options)
     return out
+
+
+def scale_strides(scale: torch.Tensor | None) -> tuple[int, int]:
+    """The expert and row-block strides of an e4m3 stack's multipliers [E, row blocks, column blocks]."""
+    if scale is None:
+        return 0, 0
+    assert scale.stride(2) == 1
+    return scale.stride(0), scale.stride(1)
