@@ -83,13 +83,16 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int | None = None)
     return torch.randint(0, vocab, (batch, length), generator=generator).tolist()
 
 
-def chitu_engine(hf_config, max_batch: int, model_type: str = "hf-llama") -> LLMEngine:
+def chitu_engine(hf_config, max_batch: int, model_type: str = "hf-llama", mla_absorb: str = "none",
+                 raise_lower_bit_float_to: str = "float8_e4m3fn") -> LLMEngine:
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = build_model(hf_config, model_type, PREFILL + 64, torch.bfloat16)
-    for p in model.parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02)
+        model = build_model(hf_config, model_type, PREFILL + 64, torch.bfloat16, mla_absorb, raise_lower_bit_float_to)
+    for name, p in model.named_parameters():
+        if name.endswith("weight_scale_inv"):  # fp8 blocks: codes of about unit size times 0.02
+            p.fill_(0.02)
+        elif p.dim() > 1:
+            p.copy_(torch.empty(p.shape, device=p.device).normal_(0, 1 if p.dtype == torch.float8_e4m3fn else 0.02))
     blocks = max_batch * (PROMPT + OUTPUT) // 64 + 64
     config = compose_config(["device=cuda", f"infer.max_reqs={max_batch}", f"infer.max_seq_len={PREFILL + 64}",
                              f"infer.num_blocks={blocks}", "infer.use_cuda_graph=True"])
@@ -144,8 +147,9 @@ def inactive_expert_params(model: torch.nn.Module, top_k: int) -> int:
                for s in stacks)
 
 
-def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict, model_type: str = "hf-llama") -> dict:
-    engine = chitu_engine(hf_config, max(batches), model_type)
+def bench_chitu(name: str, hf_config, batches: list[int], ceilings: dict, model_type: str = "hf-llama",
+                mla_absorb: str = "none") -> dict:
+    engine = chitu_engine(hf_config, max(batches), model_type, mla_absorb)
     model = engine.worker.runner.model
     total_params = sum(p.numel() for p in model.parameters())
     active_params = total_params - inactive_expert_params(model, getattr(hf_config, "num_experts_per_tok", 0))
