@@ -44,6 +44,7 @@ class Case:
     qtype: QType = QType.F32    # of the expert tensors whose rows are whole blocks (the rest stay F32)
     extra_keys: tuple = ()      # (key, value) written beside the converter's keys
     split_max_tensors: int = 0  # > 0: written as a split model (gguf-split's parts) of this many tensors a part
+    split_kv_b: bool = False    # MLA: kv_b_proj as attn_k_b / attn_v_b, as the converter writes since its MLA rework
 
 
 CASES = {
@@ -64,6 +65,8 @@ CASES = {
     # as convert_hf_to_gguf.py wrote them before llama.cpp's MLA rework (attn_kv_b kept whole)
     "deepseek-v3-q8_0": Case("deepseek-v3", qtype=QType.Q8_0),
     "deepseek-v2": Case("deepseek-v2"),
+    # as it writes them since: kv_b_proj split per head into attn_k_b / attn_v_b, MQA key/value lengths
+    "deepseek-v3-split-kv-b": Case("deepseek-v3", qtype=QType.Q8_0, split_kv_b=True),
 }
 
 
@@ -123,14 +126,14 @@ def write_gguf(path: str, arch: gguf.MODEL_ARCH, hparams: dict, state_dict: dict
     block_count = hparams["num_hidden_layers"] + nextn
     writer = gguf.GGUFWriter(path, name, split_max_tensors=case.split_max_tensors)
     writer.add_name(f"tiny {hparams['model_type']}")
-    set_gguf_parameters(writer, arch, hparams, block_count, case.qtype)
+    set_gguf_parameters(writer, arch, hparams, block_count, case)
     for key, value in case.extra_keys:
         writer.add_key_value(key.format(arch=name), value, gguf.GGUFValueType.get_type(value))
     set_vocab(writer, hparams)
     names = gguf.get_tensor_name_map(arch, block_count)
     dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, block_count)  # qwen3moe's dense layers
     dequantized, quantized = {}, []
-    for hf_name, tensor, parts in gguf_tensors(arch, hparams, state_dict):
+    for hf_name, tensor, parts in gguf_tensors(arch, hparams, state_dict, case.split_kv_b):
         base, suffix = hf_name.rsplit(".", 1)
         gguf_name = names.get_name(base)
         if gguf_name is None and arch == gguf.MODEL_ARCH.QWEN3MOE:
@@ -159,7 +162,7 @@ def write_gguf(path: str, arch: gguf.MODEL_ARCH, hparams: dict, state_dict: dict
 
 
 def set_gguf_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hparams: dict, block_count: int,
-                        qtype: QType) -> None:
+                        case: Case) -> None:
     """TextModel.set_gguf_parameters and the architecture's additions."""
     rope = hparams.get("rope_parameters") or {}
     writer.add_block_count(block_count)
@@ -167,7 +170,7 @@ def set_gguf_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hparams:
     writer.add_embedding_length(hparams["hidden_size"])
     writer.add_feed_forward_length(hparams["intermediate_size"])
     writer.add_head_count(hparams["num_attention_heads"])
-    writer.add_head_count_kv(hparams["num_key_value_heads"])
+    writer.add_head_count_kv(1 if case.split_kv_b else hparams["num_key_value_heads"])
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_layer_norm_rms_eps(hparams["rms_norm_eps"])
     if (n_experts := hparams.get("num_local_experts", hparams.get("num_experts"))) is not None:
@@ -180,7 +183,7 @@ def set_gguf_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hparams:
     if (head_dim := hparams.get("head_dim")) is not None and arch != gguf.MODEL_ARCH.DEEPSEEK2:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == QType.F32 else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if case.qtype == QType.F32 else gguf.LlamaFileType.MOSTLY_Q8_0)
     head_dim = hparams.get("head_dim") or hparams["hidden_size"] // hparams["num_attention_heads"]
     if arch == gguf.MODEL_ARCH.LLAMA:  # LlamaModel
         writer.add_vocab_size(hparams["vocab_size"])
@@ -197,14 +200,21 @@ def set_gguf_parameters(writer: gguf.GGUFWriter, arch: gguf.MODEL_ARCH, hparams:
         writer.add_expert_weights_scale(hparams["routed_scaling_factor"])
         writer.add_expert_weights_norm(hparams["norm_topk_prob"])
         writer.add_nextn_predict_layers(hparams["num_nextn_predict_layers"])
-    elif arch == gguf.MODEL_ARCH.DEEPSEEK2:  # DeepseekV2Model before the MLA rework: per-head K/V lengths
+    elif arch == gguf.MODEL_ARCH.DEEPSEEK2:  # DeepseekV2Model: per-head K/V lengths, or MQA ones since the MLA rework
         writer.add_leading_dense_block_count(hparams["first_k_dense_replace"])
         writer.add_vocab_size(hparams["vocab_size"])
         if hparams.get("q_lora_rank") is not None:
             writer.add_q_lora_rank(hparams["q_lora_rank"])
         writer.add_kv_lora_rank(hparams["kv_lora_rank"])
-        writer.add_key_length(hparams["qk_nope_head_dim"] + hparams["qk_rope_head_dim"])
-        writer.add_value_length(hparams["v_head_dim"])
+        key_length, value_length = hparams["qk_nope_head_dim"] + hparams["qk_rope_head_dim"], hparams["v_head_dim"]
+        if case.split_kv_b:
+            writer.add_key_length(hparams["kv_lora_rank"] + hparams["qk_rope_head_dim"])
+            writer.add_value_length(hparams["kv_lora_rank"])
+            writer.add_key_length_mla(key_length)
+            writer.add_value_length_mla(value_length)
+        else:
+            writer.add_key_length(key_length)
+            writer.add_value_length(value_length)
         writer.add_expert_count(hparams["n_routed_experts"])
         writer.add_expert_feed_forward_length(hparams["moe_intermediate_size"])
         writer.add_expert_shared_count(hparams["n_shared_experts"])
@@ -229,9 +239,10 @@ def set_vocab(writer: gguf.GGUFWriter, hparams: dict) -> None:
         writer.add_eos_token_id(hparams["eos_token_id"])
 
 
-def gguf_tensors(arch: gguf.MODEL_ARCH, hparams: dict, state_dict: dict[str, torch.Tensor]):
+def gguf_tensors(arch: gguf.MODEL_ARCH, hparams: dict, state_dict: dict[str, torch.Tensor], split_kv_b: bool = False):
     """(HF name the tensor map knows, tensor, the HF experts stacked in it or None) as modify_tensors
-    yields them: experts stacked per layer and weight, llama's Q/K permuted, GLM's correction bias renamed."""
+    yields them: experts stacked per layer and weight, llama's Q/K permuted, GLM's correction bias renamed,
+    with split_kv_b MLA's kv_b_proj split per head into the key half (transposed) and the value half."""
     experts: dict[tuple[str, str], dict[int, tuple[str, torch.Tensor]]] = {}
     n_heads, n_kv_heads = hparams["num_attention_heads"], hparams["num_key_value_heads"]
     for name, tensor in state_dict.items():
@@ -245,6 +256,12 @@ def gguf_tensors(arch: gguf.MODEL_ARCH, hparams: dict, state_dict: dict[str, tor
             continue
         if name.endswith("e_score_correction_bias"):
             name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        if split_kv_b and name.endswith("kv_b_proj.weight"):
+            nope, v_dim = hparams["qk_nope_head_dim"], hparams["v_head_dim"]
+            k_b, v_b = tensor.view(n_heads, nope + v_dim, -1).split([nope, v_dim], dim=1)
+            yield name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2).contiguous(), None
+            yield name.replace("kv_b_proj", "v_b_proj"), v_b.contiguous(), None
+            continue
         yield name, tensor, None
     for (layer, weight), by_expert in experts.items():
         parts = [by_expert[e][0] for e in sorted(by_expert)]
@@ -428,11 +445,7 @@ ROUTED = {f"blk.{i}.ffn_gate_inp.weight": (4, 64) for i in range(2)}
     ("qwen3moe", {"{arch}.expert_used_count": 2}, ROUTED, "'qwen3moe'.*lacks the metadata key 'qwen3moe.expert_count'"),
     ("qwen2moe", {"{arch}.expert_count": 4, "{arch}.expert_used_count": 2}, ROUTED,
      "GGUF architecture 'qwen2moe' with experts is not supported"),
-    ("deepseek2", {"{arch}.expert_count": 4, "{arch}.expert_used_count": 2, "{arch}.rope.dimension_count": 8,
-                   "{arch}.attention.kv_lora_rank": 32}, {**ROUTED, "blk.0.attn_k_b.weight": (4, 32, 16)},
-     "'deepseek2' \\(DeepSeek-V2/V3\\).*split into attn_k_b / attn_v_b"),
-], ids=["mixtral-shared", "mixtral-partial", "glm-softmax", "glm-all-nextn", "qwen3-shared", "qwen3-no-count", "qwen2moe",
-        "deepseek-split-kv-b"])
+], ids=["mixtral-shared", "mixtral-partial", "glm-softmax", "glm-all-nextn", "qwen3-shared", "qwen3-no-count", "qwen2moe"])
 def test_unsupported_moe_files_name_the_architecture(tmp_path, arch, keys, tensors, message):
     path = write_metadata_only(tmp_path / "model.gguf", arch, keys, {"token_embd.weight": (32, 64), **tensors})
     with pytest.raises(CheckpointError, match=message) as error:
@@ -487,3 +500,16 @@ def test_a_split_model_reads_from_its_first_part_or_its_directory(tmp_path_facto
     parts[-1].rename(parts[-1].with_suffix(".moved"))
     with pytest.raises(CheckpointError, match=f"misses its part\\(s\\) {parts[-1].name}"):
         open_checkpoint(split.path)
+
+
+@pytest.mark.parametrize("mla_absorb", ["absorb-without-precomp", "absorb"])
+def test_split_kv_b_files_run_the_absorbed_modes_with_blocks_kept(tmp_path_factory, mla_absorb):
+    """attn_k_b / attn_v_b joined into kv_b_proj and held dense where MLA splits it per head or folds it,
+    while quant=gguf keeps the experts' Q8_0 blocks."""
+    converted = convert("deepseek-v3-split-kv-b", tmp_path_factory)
+    with open_checkpoint(converted.path) as reader:
+        model = load_model(reader, converted.model_type, 256, torch.device("cpu"), torch.float32, mla_absorb,
+                           gguf_blocks=True)
+    assert any(isinstance(stack, GGUFExpertStack) for stack in expert_stacks(model))
+    for step, (error,) in enumerate(run_prefill_and_decode(model, [converted.hf_model])):
+        assert error <= 1e-4, f"step {step} (0 = prefill)"

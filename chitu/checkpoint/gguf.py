@@ -30,6 +30,26 @@ class _Tensor:
         return self.stored.data if self.expert is None else self.stored.data[self.expert]
 
 
+@dataclass(frozen=True)
+class _SplitKvB:
+    """kv_b_proj as llama.cpp's converter stores it since its MLA rework: per head, the key half transposed
+    (attn_k_b [heads, kv_lora_rank, nope]) and the value half (attn_v_b [heads, v_head_dim, kv_lora_rank])."""
+    k_b: str  # the halves' names in the reader
+    v_b: str
+    heads: int
+    nope: int
+    v_dim: int
+    latent: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.heads * (self.nope + self.v_dim), self.latent
+
+    def join(self, k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+        """The HF kv_b_proj weight: each head's nope key rows, then its value rows."""
+        return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(self.shape)
+
+
 class GGUFCheckpointReader(CheckpointReader):
     """Reads a GGUF file (or the parts of a split one: `name-00001-of-00003.gguf` ...) through memory maps, under
     Chitu's names (gguf_names.py), dequantizing each tensor as it is read. GGUF tensors Chitu has no use for
@@ -49,6 +69,7 @@ class GGUFCheckpointReader(CheckpointReader):
             raise CheckpointError(f"cannot open GGUF file {path}: {error}") from error
         architecture = readers[0].fields["general.architecture"].contents()  # the first part holds the metadata
         self._index = {name: t for reader in readers for name, t in self._map_tensors(reader, architecture).items()}
+        self._index.update(self._split_kv_b())
 
     def _map_tensors(self, reader: gguf.GGUFReader, architecture: str) -> dict[str, _Tensor]:
         tensors = {}
@@ -59,6 +80,17 @@ class GGUFCheckpointReader(CheckpointReader):
                 own_shape = shape if tensor.expert is None else shape[1:]
                 tensors[tensor.name] = _Tensor(stored, own_shape, own_shape[0] // heads if heads else None, tensor.expert)
         return tensors
+
+    def _split_kv_b(self) -> dict[str, _SplitKvB]:
+        """kv_b_proj of each layer stored as attn_k_b / attn_v_b, under its own name."""
+        joined = {}
+        for name in [n for n in self._index if n.endswith(".kv_b_proj.k_b.weight")]:
+            v_b = name.replace(".k_b.", ".v_b.")
+            if v_b not in self._index:
+                raise CheckpointError(f"{self.path} holds {name} but not {v_b}: kv_b_proj is incomplete")
+            (heads, latent, nope), v_dim = self._index[name].shape, self._index[v_b].shape[1]
+            joined[name.replace(".k_b.weight", ".weight")] = _SplitKvB(name, v_b, heads, nope, v_dim, latent)
+        return joined
 
     def _permuted_heads(self, architecture: str, kind: str) -> int | None:
         if architecture not in PERMUTED_QK_ARCHITECTURES:
@@ -84,6 +116,10 @@ class GGUFCheckpointReader(CheckpointReader):
         shard: Shard | None = None,
     ) -> torch.Tensor:
         tensor = self._lookup(name)
+        if isinstance(tensor, _SplitKvB):
+            whole = tensor.join(self.read(tensor.k_b, torch.float32, device),
+                                self.read(tensor.v_b, torch.float32, device))
+            return (whole if shard is None else whole.narrow(shard.dim, shard.start, shard.length)).to(dtype)
         raw = self.read_raw(name, shard, device)
         shard = shard or raw.shard
         try:
@@ -100,6 +136,9 @@ class GGUFCheckpointReader(CheckpointReader):
             shard = Shard(0, 0, tensor.shape[0])
         else:
             self._check_shard(name, shard)
+        if isinstance(tensor, _SplitKvB):  # joined in float32, as an F32 tensor would be stored
+            rows = self.read(name, torch.float32, device, shard)
+            return RawTensor(rows.contiguous().view(torch.uint8), "F32", shard)
         window = _decodable_window(tensor, shard)
         raw = torch.from_numpy(_window_bytes(tensor, window)).to(device)
         if tensor.permuted_head_dim:
@@ -107,7 +146,10 @@ class GGUFCheckpointReader(CheckpointReader):
         return RawTensor(raw, gguf.GGMLQuantizationType(tensor.stored.tensor_type).name, window)
 
     def stored_bytes(self, name: str) -> int:
-        return int(self._lookup(name).data().nbytes)
+        tensor = self._lookup(name)
+        if isinstance(tensor, _SplitKvB):
+            return self.stored_bytes(tensor.k_b) + self.stored_bytes(tensor.v_b)
+        return int(tensor.data().nbytes)
 
     def hf_config(self) -> PretrainedConfig:
         return self._config
@@ -119,7 +161,7 @@ class GGUFCheckpointReader(CheckpointReader):
     def close(self) -> None:
         self._index.clear()  # drops the last references to the memory map
 
-    def _lookup(self, name: str) -> _Tensor:
+    def _lookup(self, name: str) -> _Tensor | _SplitKvB:
         if name not in self._index:
             raise self._not_found(name)
         return self._index[name]

@@ -292,9 +292,6 @@ def _deepseek2(meta: _Metadata) -> PretrainedConfig:
     """DeepSeek-V2/V3 (and R1): sigmoid gating makes a V3 config, softmax a V2 one. Files from converters before
     llama.cpp's MLA rework store per-head key/value lengths; later ones MQA lengths plus key/value_length_mla."""
     num_layers = meta.require(LLM.BLOCK_COUNT)
-    if meta.has("blk.0.attn_k_b.weight") and not meta.has("blk.0.attn_kv_b.weight"):
-        raise meta.unsupported("kv_b_proj stored split into attn_k_b / attn_v_b (llama.cpp's converter since its "
-                               "MLA rework); Chitu reads files that hold attn_kv_b")
     heads = meta.uniform(ATTENTION.HEAD_COUNT)
     hidden = meta.require(LLM.EMBEDDING_LENGTH)
     rope_dim = meta.require(ROPE.DIMENSION_COUNT)

@@ -24,6 +24,8 @@ _BLOCK = {
     "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm", "attn_q_b": "self_attn.q_b_proj",
     "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_kv_a_norm": "self_attn.kv_a_layernorm",
     "attn_kv_b": "self_attn.kv_b_proj",
+    # kv_b_proj split per head, as llama.cpp's converter writes it since its MLA rework (the reader joins them)
+    "attn_k_b": "self_attn.kv_b_proj.k_b", "attn_v_b": "self_attn.kv_b_proj.v_b",
 }
 _WHOLE_NAMES = {"exp_probs_b": "mlp.gate.e_score_correction_bias"}  # a parameter, not a module's weight/bias
 _STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
