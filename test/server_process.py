@@ -25,12 +25,13 @@ class ServerProcess:
     """The server, logging to `run_dir`/server.log; `stop()` sends SIGTERM. Use it in `with`: on leaving,
     whatever is left of it (every torchrun rank included) is stopped."""
 
-    def __init__(self, run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (sys.executable,)):
+    def __init__(self, run_dir: Path, *overrides: str, launcher: tuple[str, ...] = (sys.executable,),
+                 cwd: Path = REPO):
         self.log_path = run_dir / "server.log"
         command = [*launcher, "-m", "chitu", "serve.port=0", "serve.host=127.0.0.1", f"hydra.run.dir={run_dir}",
                    *overrides]
         with open(self.log_path, "w") as log:
-            self.process = ProcessTree(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.process = ProcessTree(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.url = self._wait_ready()
         except BaseException:

@@ -1,6 +1,9 @@
-"""What each configuration key means, for `--help`: one line per key of the schema (a test keeps the two
-in step), shown with the default that serve_config.yaml and the default model give it."""
+"""What each configuration key means, for `--help` and the manual's docs/*/config.md: one line per key of
+the schema (a test keeps the two in step), shown with the default that serve_config.yaml and the default
+model give it."""
 from __future__ import annotations
+
+import html
 
 from omegaconf import OmegaConf
 
@@ -73,12 +76,43 @@ KEY_HELP: dict[str, str] = {
 }
 
 
-def format_key_help(defaults: object) -> str:
-    """The key table, two lines a key (`key = default`, then its meaning); `defaults` a composed ChituConfig."""
+KEY_TABLE_BEGIN = "<!-- config-keys:begin -->"
+KEY_TABLE_END = "<!-- config-keys:end -->"
+
+
+def key_defaults(defaults: object) -> list[tuple[str, str, str]]:
+    """(key, default as written for `--help`, meaning) of every key; `defaults` a composed ChituConfig."""
     config = OmegaConf.structured(defaults)
-    lines = []
+    rows = []
     for key, meaning in KEY_HELP.items():
         value = OmegaConf.select(config, key)
         default = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        lines += [f"  {key} = {'null' if default is None else default}", f"      {meaning}"]
-    return "\n".join(lines)
+        rows.append((key, "null" if default is None else str(default), meaning))
+    return rows
+
+
+def format_key_help(defaults: object) -> str:
+    """The key table, two lines a key (`key = default`, then its meaning); `defaults` a composed ChituConfig."""
+    return "\n".join(f"  {key} = {default}\n      {meaning}" for key, default, meaning in key_defaults(defaults))
+
+
+def key_table_markdown(defaults: object) -> str:
+    """The key table as Markdown (key | default | meaning), for the manual's config.md pages."""
+    rows = [f"| `{key}` | `{_cell(default)}` | {_cell(html.escape(meaning, quote=False))} |"
+            for key, default, meaning in key_defaults(defaults)]
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows])
+
+
+def with_key_table(page: str, table: str) -> str:
+    """`page` with `table` on the lines between its KEY_TABLE_BEGIN line and its KEY_TABLE_END line."""
+    lines = page.split("\n")
+    if (lines.count(KEY_TABLE_BEGIN) != 1 or lines.count(KEY_TABLE_END) != 1
+            or lines.index(KEY_TABLE_BEGIN) > lines.index(KEY_TABLE_END)):
+        raise ValueError(f"a page needs one line {KEY_TABLE_BEGIN} and, after it, one line {KEY_TABLE_END}")
+    begin, end = lines.index(KEY_TABLE_BEGIN), lines.index(KEY_TABLE_END)
+    return "\n".join(lines[:begin + 1] + [table] + lines[end:])
+
+
+def _cell(text: str) -> str:
+    # In a GitHub table a pipe ends the cell even inside a code span; an escaped one stays a pipe.
+    return text.replace("|", "\\|")
