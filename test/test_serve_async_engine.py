@@ -14,7 +14,7 @@ from chitu.config import compose_config
 from chitu.engine.engine import LLMEngine, RequestRejected, StepError
 from chitu.engine.sampling_params import SamplingParams
 from chitu.serve import async_engine as async_engine_module
-from chitu.serve.async_engine import AsyncEngine, EngineError, EngineStopped, RequestStream
+from chitu.serve.async_engine import AsyncEngine, Delta, EngineError, EngineStopped, RequestStream
 
 PROMPT = [1, 504, 3458, 282, 260]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, stop_with_eos=False)
@@ -169,3 +169,26 @@ def test_streams_get_the_text_of_their_tokens_made_off_the_engine_thread(engine,
     monkeypatch.setattr(async_engine_module, "step_text", recording)
     run_with(engine, scenario)
     assert made_on == {threading.main_thread().name}
+
+
+def test_a_stream_behind_its_request_gets_the_queued_steps_as_one_delta():
+    """Deltas queued while the consumer was busy come out merged, up to the last one; an error queued behind
+    them comes next, on its own."""
+
+    async def scenario() -> list:
+        stream = RequestStream("r", 3, abort=lambda request_id: None)
+        for i, finish in ((1, None), (2, None), (3, "length")):
+            stream.put(Delta([i], f"t{i}", [], finish))
+        merged = [await stream.__anext__()]
+        failing = RequestStream("f", 3, abort=lambda request_id: None)
+        failing.put(Delta([7], "a", [], None))
+        failing.put(Delta([8], "b", [], None))
+        failing.put(EngineError("boom"))
+        merged.append(await failing.__anext__())
+        with pytest.raises(EngineError, match="boom"):
+            await failing.__anext__()
+        return merged
+
+    whole, before_error = asyncio.run(scenario())
+    assert (whole.token_ids, whole.text, whole.finish_reason) == ([1, 2, 3], "t1t2t3", "length")
+    assert (before_error.token_ids, before_error.text, before_error.finish_reason) == ([7, 8], "ab", None)

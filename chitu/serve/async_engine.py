@@ -77,6 +77,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.done = False  # finished by the engine, failed, or closed by its consumer
         self._queue: asyncio.Queue[Delta | EngineError] = asyncio.Queue()
+        self._held: EngineError | None = None  # an error queued behind deltas merged into one (see _merged)
         self._abort = abort
         self._on_started = on_started  # called once: at the first token, or when the stream ends without one
 
@@ -90,17 +91,30 @@ class RequestStream:
     async def __anext__(self) -> Delta:
         if self.done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item, self._held = self._held or await self._queue.get(), None
         if isinstance(item, EngineError):
             self.done = True
             self._started()
             raise item
+        item = self._merged(item)
         self.num_output_tokens += len(item.token_ids)
         if self.first_token_at is None and item.token_ids:
             self.first_token_at = time.monotonic()
             self._started()
         self.done = item.finish_reason is not None
         return item
+
+    def _merged(self, delta: Delta) -> Delta:
+        """`delta` and the deltas queued behind it, as one: a consumer that falls behind its request (a slow
+        client, a loop busy with many streams) sends one event for several steps instead of catching up by one."""
+        while delta.finish_reason is None and not self._queue.empty():
+            following = self._queue.get_nowait()
+            if isinstance(following, EngineError):
+                self._held = following
+                break
+            delta = Delta(delta.token_ids + following.token_ids, delta.text + following.text,
+                          delta.logprobs + following.logprobs, following.finish_reason)
+        return delta
 
     def close(self) -> None:
         """Stop the request if the engine has not finished it: its KV blocks are freed at once."""
