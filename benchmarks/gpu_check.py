@@ -1,6 +1,6 @@
 """The GPU checks in one call: Triton kernels against their torch references, every model family in
 bf16 on CUDA against transformers, CUDA-graph decode against eager, an MoE model under torchrun on one
-GPU. Prints a summary table.
+GPU, fp8 block checkpoints kept in fp8. Prints a summary table.
 
     python benchmarks/gpu_check.py [pytest arguments, e.g. -k "not narrower"]
 """
@@ -13,7 +13,7 @@ import pytest
 
 SUITES = ["test/test_triton_ops.py", "test/test_models.py", "test/test_cuda_graph.py", "test/test_sampler.py",
           "test/test_distributed.py::test_moe_under_torchrun_on_one_gpu_matches_plain_python",
-          "test/test_grouped_codes.py", "test/test_host_experts.py"]
+          "test/test_grouped_codes.py", "test/test_host_experts.py", "test/test_quant_fp8_block.py"]
 
 
 def main() -> int:
