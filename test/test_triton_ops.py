@@ -185,16 +185,18 @@ def test_dependent_launches_in_a_graph_equal_plain_launches():
     weights = [randn(k, k, dtype=torch.bfloat16) / k**0.5 for _ in range(60)]
     x, norm_weight = randn(1, k, dtype=torch.bfloat16), randn(k, dtype=torch.bfloat16)
     outs = [poisoned((1, k), torch.bfloat16) for _ in weights]
-    pdl.enabled = False
+    previous = pdl.enabled
     try:
+        pdl.enabled = False
         _dependent_chain(x, weights, norm_weight, outs)
         expected = [o.clone() for o in outs]
-    finally:
         pdl.enabled = True
-    _dependent_chain(x, weights, norm_weight, outs)  # compiles the PDL variants outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _dependent_chain(x, weights, norm_weight, outs)
+        _dependent_chain(x, weights, norm_weight, outs)  # compiles the PDL variants outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _dependent_chain(x, weights, norm_weight, outs)
+    finally:
+        pdl.enabled = previous
     for _ in range(5):
         for o in outs:
             o.fill_(float("nan"))

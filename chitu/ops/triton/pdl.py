@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-enabled = True  # benchmarks turn it off to measure what it gains
+# Off until measured on a GPU (benchmarks/profile_decode.py --pdl both turns it on and off to compare).
+enabled = False
 
 
 @lru_cache(maxsize=None)
