@@ -72,16 +72,22 @@ def write_fp8_checkpoint(hf_model: torch.nn.Module, path, dequantized_path) -> N
     (path / "config.json").write_text(json.dumps(config))
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def fp8_checkpoint(request, tmp_path_factory):
-    """(path of the fp8 checkpoint, transformers' model loaded from its dequantized weights, model type)."""
-    model_type, config_cls, model_cls, extra = CASES[request.param]
+def tiny_fp8_checkpoint(case: tuple, path, dequantized_path) -> tuple[torch.nn.Module, str]:
+    """A tiny random model of `case` (model type, config class, model class, config fields) written as an fp8
+    checkpoint at `path`: (transformers' model loaded from its dequantized weights, the model type)."""
+    model_type, config_cls, model_cls, extra = case
     torch.manual_seed(0)
     hf_model = model_cls(config_cls(**{**TINY, **extra})).eval()
     randomize(hf_model)
-    path, dequantized_path = (tmp_path_factory.mktemp(f"{kind}-{request.param}") for kind in ("fp8", "dequantized"))
     write_fp8_checkpoint(hf_model, path, dequantized_path)
-    return path, model_cls.from_pretrained(dequantized_path).eval(), model_type
+    return model_cls.from_pretrained(dequantized_path).eval(), model_type
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def fp8_checkpoint(request, tmp_path_factory):
+    """(path of the fp8 checkpoint, transformers' model loaded from its dequantized weights, model type)."""
+    path, dequantized_path = (tmp_path_factory.mktemp(f"{kind}-{request.param}") for kind in ("fp8", "dequantized"))
+    return path, *tiny_fp8_checkpoint(CASES[request.param], path, dequantized_path)
 
 
 def test_fp8_weights_dequantized_at_load_match_transformers(fp8_checkpoint):
@@ -184,22 +190,15 @@ KEPT_CASES = {
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="kept fp8 weights run on e4m3 tensor cores (sm89+)")
-@pytest.mark.parametrize("case", list(KEPT_CASES))
-@pytest.mark.parametrize("mla_absorb", ["none", "absorb-without-precomp", "absorb"])
+@pytest.mark.parametrize("case,mla_absorb", [("qwen3", "none")] + [  # mla_absorb concerns MLA models only
+    ("deepseek-v3", mode) for mode in ("none", "absorb-without-precomp", "absorb")])
 def test_kept_fp8_weights_on_cuda_match_transformers_on_the_dequantized_weights(tmp_path, case, mla_absorb):
     """W8A8 in bf16 against transformers in float32 on the dequantized weights. Quantizing the activations
     to e4m3 (3 mantissa bits, per 128 channels) moves the logits by a few percent; a wrong multiplier,
     block or layout moves them by about their own size."""
-    if case == "qwen3" and mla_absorb != "none":
-        pytest.skip("mla_absorb concerns MLA models")
-    model_type, config_cls, model_cls, extra = KEPT_CASES[case]
     path, dequantized_path = tmp_path / "fp8", tmp_path / "dequantized"
-    torch.manual_seed(0)
-    hf_model = model_cls(config_cls(**{**TINY, **extra})).eval()
-    randomize(hf_model)
-    write_fp8_checkpoint(hf_model, path, dequantized_path)
+    reference, model_type = tiny_fp8_checkpoint(KEPT_CASES[case], path, dequantized_path)
     model = load_tiny(path, model_type, "cuda", torch.bfloat16, mla_absorb)
     assert any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
-    reference = model_cls.from_pretrained(dequantized_path).eval()
     for step, (error,) in enumerate(run_prefill_and_decode(model, [reference], "cuda")):
         assert error <= 0.1, f"step {step} (0 = prefill)"

@@ -82,7 +82,8 @@ class MLAAttention(nn.Module):
             self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, per_head(q_width), False, dtype,
                                                  method(f"{prefix}.q_b_proj", folds))
         else:
-            self.q_proj = ColumnParallelLinear(hidden, per_head(q_width), False, dtype, method(f"{prefix}.q_proj", folds))
+            self.q_proj = ColumnParallelLinear(hidden, per_head(q_width), False, dtype,
+                                               method(f"{prefix}.q_proj", folds))
         self.kv_a_proj_with_mqa = ColumnParallelLinear(hidden, replicated(self.kv_lora_rank + self.rope), bias, dtype,
                                                        method(f"{prefix}.kv_a_proj_with_mqa"))
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS, dtype)

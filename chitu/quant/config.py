@@ -1,9 +1,9 @@
 """Which linear method each layer of a checkpoint gets, from its `quantization_config`.
 
 Unquantized weights; FP8 block-quantized ones kept in fp8 (W8A8 on GPUs of compute capability 8.9+) or
-dequantized at load (`infer.raise_lower_bit_float_to=bfloat16`; quant/fp8_block.py); GGUF tensors are dequantized as they are read, or with quant=gguf kept
-in their blocks (quant/gguf_blocks.py); 4-bit AWQ (GEMM) and GPTQ checkpoints keep their int4 groups
-(quant/int4_groups.py). A checkpoint declaring any other quantization, or settings of these that Chitu
+dequantized at load (`infer.raise_lower_bit_float_to=bfloat16`; quant/fp8_block.py); GGUF tensors are
+dequantized as they are read, or with quant=gguf kept in their blocks (quant/gguf_blocks.py); 4-bit AWQ
+(GEMM) and GPTQ checkpoints keep their int4 groups (quant/int4_groups.py). A checkpoint declaring any other quantization, or settings of these that Chitu
 has no kernel for, is refused with its name: loading its packed or fp8 tensors as plain weights, without
 their scales, would serve garbage. `quant=w8a16 quant_on_load=True` quantizes an unquantized checkpoint's
 linear layers to int8 as they load, and `quant=simple_w8a8` also its activations as they come (quant/int8.py).

@@ -4,8 +4,9 @@ and the Qwen3 -FP8 checkpoints store them; norms, routers and the embedding are 
 
 By default (`infer.raise_lower_bit_float_to=float8_e4m3fn`) the weights stay fp8 with their multipliers and
 multiply as W8A8 (activations quantized per token and per 128 channels; ops/linear.block_fp8_linear) on
-GPUs with e4m3 tensor cores (routed experts as W8A16, Fp8ExpertStack). With `bfloat16` they are dequantized once, as they load, into the compute dtype:
-the way on the CPU and on older GPUs, and for weights a layer reads as a matrix (MLA's folded projections)."""
+GPUs with e4m3 tensor cores (routed experts as W8A16, Fp8ExpertStack). With `bfloat16` they are dequantized
+once, as they load, into the compute dtype: the way on the CPU and on older GPUs, and for weights a layer reads
+as a matrix (MLA's folded projections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

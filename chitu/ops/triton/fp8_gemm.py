@@ -75,7 +75,7 @@ def _block_fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, c_ptr, M, N, 
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _tile(rows: int, n: int) -> tuple[int, int, int, int]:
+def _tile(rows: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): few rows (decode) stream the weight through narrow
     tiles, enough of them to fill the GPU; many rows take square tiles."""
     if rows <= 16:
@@ -93,7 +93,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Ten
     codes, scale = quantize_groups(rows if rows.stride(1) == 1 else rows.contiguous(), block[1])
     m, (n, k) = rows.shape[0], weight.shape
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, warps, stages = _tile(m, n)
+    block_m, block_n, warps, stages = _tile(m)
     if m:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _block_fp8_gemm_kernel[grid](codes, scale, weight, scale_inv, out, m, n, k, codes.stride(0), scale.stride(0),

@@ -20,10 +20,10 @@ import triton.language as tl
 
 from chitu.ops.triton import moe_gemv
 from chitu.ops.triton.dot import dot
+from chitu.ops.triton.moe_config import BlockConfig, GemvConfig, MoEConfig, config_for
 from chitu.ops.triton.moe_gemv import FP8_BLOCK, dequantized, scale_strides
 
 FP8_SAFE_BLOCK_K = 64
-from chitu.ops.triton.moe_config import BlockConfig, GemvConfig, MoEConfig, config_for
 
 
 @dataclass(frozen=True)
