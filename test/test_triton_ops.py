@@ -122,6 +122,36 @@ def test_apply_rotary_after_per_head_norms(dtype, interleaved, head_dim, rotary_
     assert_close(out, ref_rotary.apply_rotary(x, cos, sin, interleaved, norm), ELEMENTWISE_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(128, 128), (64, 64), (80, 40)])
+@pytest.mark.parametrize("q_heads,kv_heads,with_norm", [(32, 8, False), (5, 5, True), (19, 1, True), (4, 2, False)])
+def test_rotate_and_store_kv(dtype, interleaved, head_dim, rotary_dim, q_heads, kv_heads, with_norm):
+    """A fused Q/K/V output (strided rows) in one launch: q rotated out, k rotated and v copied into their
+    slots; everything else in the caches untouched. As the reference rotary and K/V store do it."""
+    tokens, block_size = 37, 16
+    heads = q_heads + 2 * kv_heads
+    qkv = randn(tokens, (heads + 3) * head_dim, dtype=dtype)[:, : heads * head_dim].view(tokens, heads, head_dim)
+    norm = (randn(head_dim, dtype=dtype), randn(head_dim, dtype=dtype), q_heads, 1e-6) if with_norm else None
+    angles = torch.rand(tokens, rotary_dim // 2, device=DEVICE) * 1000
+    cos, sin = angles.cos(), angles.sin()
+    num_blocks = tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    caches = [poisoned((num_blocks, block_size, kv_heads, head_dim), dtype) for _ in range(4)]
+    q = rotary.rotate_and_store_kv(qkv, q_heads, cos, sin, interleaved, norm, caches[0], caches[1], slots,
+                                   out=poisoned((tokens, q_heads, head_dim), dtype))
+    expected = ref_rotary.apply_rotary(qkv[:, : q_heads + kv_heads], cos, sin, interleaved, norm)
+    ref_attention.store_kv(expected[:, q_heads:], qkv[:, q_heads + kv_heads:], caches[2], caches[3], slots)
+    assert torch.equal(caches[1].nan_to_num(7.0), caches[3].nan_to_num(7.0))
+    assert torch.equal(caches[0].isnan(), caches[2].isnan())
+    if norm is None:
+        assert torch.equal(q, expected[:, :q_heads]) and torch.equal(caches[0].nan_to_num(7.0), caches[2].nan_to_num(7.0))
+    else:
+        assert_close(q, expected[:, :q_heads], ELEMENTWISE_TOL[dtype])
+        assert_close(caches[0][slots.div(block_size, rounding_mode="floor"), slots % block_size],
+                     expected[:, q_heads:], ELEMENTWISE_TOL[dtype])
+
+
 # ---- silu_and_mul
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -146,6 +176,18 @@ def test_norm_gemv(dtype, n, k, weight_dtype, with_residual):
     assert torch.equal(summed, expected_sum)
     assert_close(normed, ref_norm.rms_norm(expected_sum, norm_weight, 1e-6), ELEMENTWISE_TOL[dtype])
     assert_close(out, torch.nn.functional.linear(normed.float(), w.float()), ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(7, 3), (1000, 1037), (4096, 14336), (2048, 768)])
+def test_gated_gemv(dtype, n, k):
+    """SiLU-and-mul folded into the down projection's GEMV: bitwise the activation kernel then the GEMV."""
+    gate_up, w = 3 * randn(1, 2 * k, dtype=dtype), randn(n, k, dtype=dtype) / k**0.5
+    tile = gemv.GemvTile(8, 512, 4, 3)
+    out = gemv.gated_gemv(gate_up, w, out=poisoned((1, n), dtype), tile=tile)
+    assert torch.equal(out, gemv.gemv(activation.silu_and_mul(gate_up), w, tile=tile))
+    expected = torch.nn.functional.linear(ref_activation.silu_and_mul(gate_up).float(), w.float())
+    assert_close(out, expected, ELEMENTWISE_TOL[dtype])
 
 
 @pytest.mark.parametrize("tile", [gemv.GemvTile(1, 2048, 4, 2), gemv.GemvTile(32, 512, 8, 3), gemv.GemvTile(4, 1024, 4, 3)])

@@ -31,6 +31,10 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, heads, head_dim], k [T, kv_heads, head_dim], v [T, kv_heads, head_dim_v] → [T, heads, head_dim_v]."""
         attention_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend_stored(q, meta)
+
+    def attend_stored(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q over the cache, this step's K/V already stored in it."""
         return attention_ops.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale, self.backend)
 
 

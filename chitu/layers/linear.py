@@ -62,7 +62,14 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.method.apply(self, x)
+        return self._reduced(self.method.apply(self, x))
+
+    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for gate_up = [gate | up] [T, 2 in], the activation folded into the
+        product where the method can."""
+        return self._reduced(self.method.apply_gated(self, gate_up))
+
+    def _reduced(self, y: torch.Tensor) -> torch.Tensor:
         if not self.reduce_results:
             return y
         y = tp_all_reduce(y)

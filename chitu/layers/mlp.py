@@ -9,7 +9,6 @@ from chitu.distributed.sharding import Span, balanced_span
 from chitu.layers.linear import ColumnParallelLinear, RowParallelLinear
 from chitu.layers.context import ModelContext
 from chitu.layers.norm import PendingNorm
-from chitu.ops.activation import silu_and_mul
 
 
 class GatedMLP(nn.Module):
@@ -35,4 +34,4 @@ class GatedMLP(nn.Module):
     takes_pending_norm = True  # gate_up_proj folds the norm before it (layers/norm.py)
 
     def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj.forward_gated(self.gate_up_proj(x))

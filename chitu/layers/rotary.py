@@ -55,3 +55,11 @@ class RotaryEmbedding(nn.Module):
         RMS-normalised first when given a norm."""
         cos, sin = rope
         return rotary_ops.apply_rotary(qk, cos, sin, self.interleaved, norm)
+
+    def rotate_and_store_kv(self, rope: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor, q_heads: int,
+                            norm: rotary_ops.HeadNorm | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor) -> torch.Tensor:
+        """qkv [T, q_heads + 2 kv_heads, head_dim]: rotates q and k, stores k and v at their slots, returns q."""
+        cos, sin = rope
+        return rotary_ops.rotate_and_store_kv(qkv, q_heads, cos, sin, self.interleaved, norm, k_cache, v_cache,
+                                              slot_mapping)

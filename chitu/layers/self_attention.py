@@ -52,12 +52,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor | PendingNorm, meta: AttentionMetadata,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
-        q_size, k_size, _ = self.qkv_proj.out_splits
-        heads = self.num_heads + self.num_kv_heads
-        qk = qkv[:, : q_size + k_size].view(-1, heads, self.head_dim)
-        v = qkv[:, q_size + k_size:].view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.num_heads, self.q_norm.eps)
-        q, k = self.rotary(rope, qk, norm).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = self.attn(q, k, v, meta)
-        return self.o_proj(out.flatten(1))
+        q = self.rotary.rotate_and_store_kv(rope, qkv, self.num_heads, norm, self.attn.k_cache, self.attn.v_cache,
+                                            meta.slot_mapping)
+        return self.o_proj(self.attn.attend_stored(q, meta).flatten(1))

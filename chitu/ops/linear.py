@@ -47,6 +47,14 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     return kernels.norm_gemv(x, residual, norm_weight, eps, weight, out=out)
 
 
+def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """(silu(gate) * up) W^T for gate_up = [gate | up], in one launch for a single row on CUDA (the Triton
+    GEMV applies the activation as it reads the row); None elsewhere."""
+    if not _single_row_gemv(gate_up, weight):
+        return None
+    return kernels.gated_gemv(gate_up, weight)
+
+
 def grouped_codes_linear(x: torch.Tensor, weight: GroupedCodes) -> torch.Tensor:
     """x W^T for quantized rows in quant/grouped_codes.py's layout: the Triton kernels read them as stored on
     CUDA; elsewhere the dequantized rows are multiplied."""

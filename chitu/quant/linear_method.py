@@ -16,6 +16,7 @@ from torch import nn
 from chitu.checkpoint import CheckpointReader, Shard
 from chitu.layers.loadable import copy_into
 from chitu.ops import linear as linear_ops
+from chitu.ops.activation import silu_and_mul
 
 if TYPE_CHECKING:
     from chitu.layers.norm import PendingNorm
@@ -40,6 +41,10 @@ class LinearMethod(ABC):
     def apply_normed(self, layer: nn.Module, x: PendingNorm, bias: torch.Tensor | None = None) -> torch.Tensor:
         """apply() to an input whose RMSNorm is still pending (layers/norm.py)."""
         return self.apply(layer, x.normed, bias)
+
+    def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        """apply() to silu(gate) * up of gate_up = [gate | up] (the gated MLP's down projection)."""
+        return self.apply(layer, silu_and_mul(gate_up))
 
     def dense(self) -> LinearMethod:
         """The method holding this format's weights as dense matrices in the compute dtype, for a layer that
@@ -81,6 +86,11 @@ class UnquantizedLinearMethod(LinearMethod):
         """The dense weight lets the norm fold into a single-row GEMV."""
         folded = x.project(layer.weight) if bias is None else None
         return folded if folded is not None else self.apply(layer, x.normed, bias)
+
+    def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        """The dense weight lets SiLU-and-mul fold into a single-row GEMV."""
+        folded = linear_ops.gated_linear(gate_up, layer.weight)
+        return folded if folded is not None else super().apply_gated(layer, gate_up)
 
 
 UNQUANTIZED = UnquantizedLinearMethod()

@@ -2,7 +2,8 @@
 smaller matrices well below the copy rate. Each program reduces a band of W's rows in fp32.
 
 `norm_gemv` also applies the (residual add and) RMSNorm before the product: every program normalises
-the one row itself, so the norm costs no launch of its own.
+the one row itself, so the norm costs no launch of its own. `gated_gemv` likewise takes the MLP's
+[gate | up] row and applies SiLU-and-mul as it reads it.
 
 The tile of each shape comes from the table benchmarks/tune_gemv.py writes for this GPU
 (gemv_configs/<GPU name>.json); shapes not in it are autotuned at their first call, a pick that the
@@ -80,8 +81,8 @@ def _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, eps,
-                 HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pdl.let_next_start(PDL)
     program = tl.program_id(0)
     rows = program * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,11 +101,11 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, nor
             squares += h * h
         rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     acc = w_first.to(tl.float32) * _x_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, 0, K, rstd,
-                                            program == 0, HAS_NORM, HAS_RESIDUAL, BLOCK_K)[None, :]
+                                            program == 0, HAS_NORM, HAS_RESIDUAL, GATED, BLOCK_K)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = _x_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, k0, K, rstd, program == 0, HAS_NORM,
-                     HAS_RESIDUAL, BLOCK_K)
+                     HAS_RESIDUAL, GATED, BLOCK_K)
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -112,13 +113,19 @@ def _gemv_kernel(x_ptr, w_ptr, w_stride, out_ptr, N, K, res_ptr, norm_w_ptr, nor
 
 @triton.jit
 def _x_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, k0, K, rstd, writes, HAS_NORM: tl.constexpr,
-             HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The input row's chunk at k0 in fp32: x itself, or normalised (see _normed_chunk)."""
+             HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The input row's chunk at k0 in fp32: x itself, normalised (see _normed_chunk), or with GATED
+    silu(x[:K]) * x[K:] rounded as ops/triton/activation.py rounds it."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_mask = cols < K
     if HAS_NORM:
         return _normed_chunk(x_ptr, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr, cols, col_mask, rstd, writes,
                              HAS_RESIDUAL).to(tl.float32)
+    if GATED:
+        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype).to(tl.float32)
+        return (silu * up.to(tl.float32)).to(up.dtype).to(tl.float32)
     return tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
 
 
@@ -127,7 +134,7 @@ _autotuned_kernel = triton.autotune(configs=[tile.triton_config() for tile in CA
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, norm_args: tuple,
-            tile: GemvTile | None) -> torch.Tensor:
+            tile: GemvTile | None, gated: bool = False) -> torch.Tensor:
     n, k = weight.shape
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
@@ -137,10 +144,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, nor
     options = pdl.launch_options(x.device)
     if tile is None:
         _autotuned_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, **options)
+            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, GATED=gated, **options)
     else:
         _gemv_kernel[(triton.cdiv(n, tile.block_n),)](
-            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+            *args, HAS_NORM=has_norm, HAS_RESIDUAL=has_residual, GATED=gated, BLOCK_N=tile.block_n,
+            BLOCK_K=tile.block_k,
             num_warps=tile.num_warps, num_stages=tile.num_stages, **options)
     return out
 
@@ -150,6 +158,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
     """x [1, K] @ weight [N, K]^T → [1, N] in x's dtype or out's (fp32 accumulation), with the given
     tile or this GPU's choice for the shape."""
     return _launch(x, weight, out, (x, x, x, x, 0.0, False, False), tile)
+
+
+def gated_gemv(gate_up: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+               tile: GemvTile | None = None) -> torch.Tensor:
+    """(silu(gate) * up) @ weight^T for one row gate_up [1, 2K] = [gate | up] and weight [N, K]: what
+    activation.silu_and_mul and then gemv compute, in one launch."""
+    assert gate_up.shape[-1] == 2 * weight.shape[1]
+    return _launch(gate_up, weight, out, (gate_up, gate_up, gate_up, gate_up, 0.0, False, False), tile, gated=True)
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
