@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chitu
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "script" / "generate_supported_models_docs.py"
 
@@ -15,7 +17,8 @@ def test_print_lists_every_model_yaml():
     result = run("--print")
     assert result.returncode == 0, result.stderr
     listed = [line.split()[0] for line in result.stdout.splitlines()]
-    assert listed == sorted(path.stem for path in (REPO / "chitu" / "config" / "models").glob("*.yaml"))
+    # the installed package's configs (a source checkout's, or those a wheel installed)
+    assert listed == sorted(path.stem for path in (Path(chitu.__file__).parent / "config" / "models").glob("*.yaml"))
     assert "SmolLM2-135M-Instruct" in listed
 
 
