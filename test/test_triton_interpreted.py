@@ -23,16 +23,19 @@ from triton.runtime import interpreter  # noqa: E402
 
 import chitu.ops.triton as triton_ops  # noqa: E402
 import test_models  # noqa: E402
-from chitu.ops.triton import gemv, moe_config, rotary  # noqa: E402
+from chitu.ops import attention as attention_ops  # noqa: E402
+from chitu.ops.triton import attention, gemv, moe_config, rotary  # noqa: E402
 
 FAMILIES = ["llama", "qwen3", "glm4", "qwen3-moe", "glm4-moe", "deepseek-v3"]
 
 
 @pytest.fixture(autouse=True)
 def kernels_on_cpu(monkeypatch):
-    """Every dispatcher takes the Triton kernels for CPU tensors; GEMV tiles fixed (no GPU table or autotuning);
+    """Every dispatcher takes the Triton kernels for CPU tensors (attention's too); GEMV tiles fixed (no GPU table or autotuning);
     the calls of the fused kernels counted."""
     monkeypatch.setattr(triton_ops, "enabled", lambda x: True)
+    monkeypatch.setattr(attention_ops, "kernels_run", lambda backend, x: True)  # whatever backend the test sets
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)  # an H100's, for the decode splits
     monkeypatch.setattr(moe_config, "_tuned", lambda device_index: {})  # the MoE kernels' heuristic tiles
     monkeypatch.setattr(gemv, "tuned_tile", lambda *args: gemv.GemvTile(4, 32, 4, 1))
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", _index_of_one_element_arrays(interpreter._patch_lang_tensor))

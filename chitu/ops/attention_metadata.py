@@ -69,3 +69,26 @@ def slot_mapping(block_tables: torch.Tensor, seq_index: torch.Tensor, positions:
                  block_size: int) -> torch.Tensor:
     """KV-cache slot of each token: sequence seq_index[t]'s block holding position positions[t], and the offset."""
     return block_tables[seq_index, positions // block_size] * block_size + positions % block_size
+
+
+def padded_prefill(bucket: int, request: torch.Tensor, tables: torch.Tensor, scratch_row: int, block_size: int,
+                   counting: torch.Tensor) -> AttentionMetadata:
+    """One sequence's step of `num_new` tokens, the last of its `context_len`, from its block-table row `row`
+    (request = device [num_new, context_len, row]), padded to `bucket` rows by a second sequence: the remaining rows,
+    at positions 0.. of the scratch row, whose blocks are all the scratch block. Every shape is the bucket's and
+    every value read on the device, so a CUDA graph of this step serves any such request of up to `bucket`
+    tokens; the padding rows' keys and values go to the scratch block, and real rows never see them.
+    `counting`: arange of at least bucket + 1 on the device."""
+    num_new, context_len, row = request[0:1], request[1:2], request[2:3]
+    rows = counting[:bucket]
+    seq_index = (rows >= num_new).long()
+    query_index = rows - num_new * seq_index
+    positions = torch.where(seq_index.bool(), query_index, context_len - num_new + rows)
+    block_tables = tables[torch.cat([row, torch.full_like(row, scratch_row)])]
+    return AttentionMetadata(
+        positions=positions, slot_mapping=slot_mapping(block_tables, seq_index, positions, block_size),
+        block_tables=block_tables, context_lens=torch.cat([context_len, bucket - num_new]),
+        query_start_loc=torch.cat([counting[:1], num_new, counting[bucket:bucket + 1]]),
+        token_seq_index=seq_index, token_query_index=query_index,
+        max_query_len=bucket, max_context_len=tables.shape[1] * block_size,
+    )

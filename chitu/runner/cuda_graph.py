@@ -70,6 +70,7 @@ class DecodeGraphs:
                 self.logits[bs] = self._forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
+        self.pool = pool  # for the prefill graphs to share
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def bucket_for(self, batch: int) -> int | None:

@@ -15,6 +15,7 @@ from chitu.layers.kv_cache_spec import kv_cache_layers
 from chitu.ops.attention_metadata import AttentionMetadata
 from chitu.runner.block_tables import BlockTables
 from chitu.runner.cuda_graph import DecodeGraphs
+from chitu.runner.prefill_graphs import PrefillGraphs
 from chitu.ops.device_copy import to_device
 from chitu.runner.sampler import Sampler, SamplerOutput
 from chitu.runner.sampling_state import SamplingTable
@@ -34,6 +35,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.sampling = SamplingTable(device, model.config.vocab_size)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.block_tables: BlockTables | None = None
         self.cache_layers = kv_cache_layers(model)
 
@@ -53,6 +55,8 @@ class ModelRunner:
                                         scratch_block=num_blocks if self.use_cuda_graph else None)
         if self.use_cuda_graph:
             self.graphs = DecodeGraphs(self.model, self.max_batch, self.block_tables, self.block_size, self.device)
+            self.prefill_graphs = PrefillGraphs(self.model, self.max_seq_len, self.block_tables, self.block_size,
+                                                self.device, pool=self.graphs.pool)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, previous: PendingSamples | None = None) -> PendingSamples | None:
@@ -65,6 +69,8 @@ class ModelRunner:
             self.block_tables.apply(plan.table_updates)
             if self.graphs is not None and not plan.is_prefill and self.graphs.bucket_for(len(plan.request_ids)):
                 logits = self.graphs.run(token_ids, [n - 1 for n in plan.context_lens], plan.table_rows)
+            elif self._takes_prefill_graph(plan):
+                logits = self.prefill_graphs.run(token_ids, plan.context_lens[0], plan.table_rows[0])
             else:
                 logits = self._run_eager(plan, token_ids)
         finally:  # the plan's new requests are the sampler's even when the step fails: they are retried
@@ -73,6 +79,11 @@ class ModelRunner:
         if not self.parallel.is_sampler or not plan.sampling_rows:
             return None
         return self._sampling_step(self._sample, plan, logits)
+
+    def _takes_prefill_graph(self, plan: StepPlan) -> bool:
+        """A lone request's prefill step of few enough tokens for a prefill graph."""
+        return (self.prefill_graphs is not None and plan.is_prefill and len(plan.request_ids) == 1
+                and not plan.tokens_from_previous and self.prefill_graphs.bucket_for(plan.num_tokens) is not None)
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> PendingSamples:
         rows = plan.sampling_rows
