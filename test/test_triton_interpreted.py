@@ -1,84 +1,26 @@
-"""The model families through the Triton kernels on the CPU, under Triton's interpreter (TRITON_INTERPRET=1):
-fp32 logits against transformers, batch 3 (prefill in chunks, then decode) and a lone sequence (the GEMV paths
-with the norm and SiLU-and-mul folded in, the fused rotary + K/V store). For machines without a GPU that have
-triton installed (it is not a dependency of the CPU install, so CI skips this); the interpreter runs the
-kernels' code, not their compiled form, so the GPU tests still decide about rounding and speed.
-
-    TRITON_INTERPRET=1 python -m pytest test/test_triton_interpreted.py
-"""
-from __future__ import annotations
-
-import collections
+"""Every Triton kernel on the model families' paths, checked for logic on the CPU: triton_interpreted_cases.py under
+TRITON_INTERPRET=1, in a process of its own (triton reads the variable as it defines the kernels)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
+
+from process_tree import ProcessTree
 
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("set TRITON_INTERPRET=1 (before triton is imported) to run the kernels on the CPU",
-                allow_module_level=True)
 
-from triton.runtime import interpreter  # noqa: E402
-
-import chitu.ops.triton as triton_ops  # noqa: E402
-import test_models  # noqa: E402
-from chitu.ops import attention as attention_ops  # noqa: E402
-from chitu.ops.triton import attention, gemv, moe_config, rotary  # noqa: E402
-
-FAMILIES = ["llama", "qwen3", "glm4", "qwen3-moe", "glm4-moe", "deepseek-v3"]
+CASES = Path(__file__).with_name("triton_interpreted_cases.py")
 
 
-@pytest.fixture(autouse=True)
-def kernels_on_cpu(monkeypatch):
-    """Every dispatcher takes the Triton kernels for CPU tensors (attention's too); GEMV tiles fixed (no GPU table or autotuning);
-    the calls of the fused kernels counted."""
-    monkeypatch.setattr(triton_ops, "enabled", lambda x: True)
-    monkeypatch.setattr(attention_ops, "kernels_run", lambda backend, x: True)  # whatever backend the test sets
-    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)  # an H100's, for the decode splits
-    monkeypatch.setattr(moe_config, "_tuned", lambda device_index: {})  # the MoE kernels' heuristic tiles
-    monkeypatch.setattr(gemv, "tuned_tile", lambda *args: gemv.GemvTile(4, 32, 4, 1))
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _index_of_one_element_arrays(interpreter._patch_lang_tensor))
-    calls = collections.Counter()
-    for module, name in [(rotary, "rotate_and_store_kv"), (gemv, "norm_gemv"), (gemv, "gated_gemv")]:
-        monkeypatch.setattr(module, name, _counted(getattr(module, name), name, calls))
-    return calls
-
-
-def _index_of_one_element_arrays(patch):
-    """triton 3.6's interpreter converts a scalar argument (a one-element array) with int(), which NumPy 2
-    refuses: a loop bound like range(BLOCK_K, K, BLOCK_K) fails. Convert it with .item()."""
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-    return patched
-
-
-def _counted(fn, name: str, calls: collections.Counter):
-    def wrapper(*args, **kwargs):
-        calls[name] += 1
-        return fn(*args, **kwargs)
-    return wrapper
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_through_interpreted_kernels_matches_transformers(name, tmp_path, kernels_on_cpu):
-    model_type, config_cls, model_cls, extra = test_models.FAMILIES[name]
-    torch.manual_seed(0)
-    hf_model = model_cls(config_cls(**{**test_models.TINY, **extra})).eval()
-    test_models.randomize(hf_model)
-    hf_model.save_pretrained(tmp_path, safe_serialization=True)
-    model = test_models.load_tiny(tmp_path, model_type, "cpu", torch.float32)
-    for step, (error,) in enumerate(test_models.run_prefill_and_decode(model, [hf_model])):
-        assert error <= 1e-4, f"batch 3, step {step} (0 = prefill)"
-    sequence = torch.randint(0, test_models.TINY["vocab_size"], (7,), generator=torch.Generator().manual_seed(2)).tolist()
-    run = test_models.PagedRun(model, 1, len(sequence) + 4)
-    logits = run.step({0: sequence})
-    for step in range(4):
-        expected = test_models.hf_last_logits(hf_model, [sequence])
-        assert test_models.relative_error(logits, expected) <= 1e-4, f"one row, step {step}"
-        sequence.append(int(expected.argmax()))
-        logits = run.step({0: [sequence[-1]]})
-    attention_fused = model_type != "deepseek-v3"  # MLA stores its latents its own way
-    assert kernels_on_cpu["norm_gemv"] and kernels_on_cpu["gated_gemv"]  # each family has dense MLP layers
-    assert (kernels_on_cpu["rotate_and_store_kv"] > 0) == attention_fused
+def test_model_families_through_the_interpreted_triton_kernels_match_transformers():
+    tree = ProcessTree([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+                       cwd=CASES.parent.parent, env={**os.environ, "TRITON_INTERPRET": "1"},
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = tree.communicate(timeout=1800)
+    finally:
+        tree.stop_tree()
+    assert tree.returncode == 0, output[-6000:]
+    assert " passed" in output and "skipped" not in output, output[-2000:]
