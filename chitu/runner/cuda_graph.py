@@ -4,6 +4,7 @@ KV block that no request owns (the block tables' scratch row), so they cannot di
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import nn
@@ -18,6 +19,21 @@ def capturable(model: nn.Module) -> bool:
     """Whether the model's decode step can be captured: no module of it declares `capturable = False`
     (an MoE block on the torch reference reads its expert counts on the host)."""
     return all(getattr(m, "capturable", True) for m in model.modules())
+
+
+def capture_graphs(forward: Callable[[int], torch.Tensor], sizes: list[int], graphs: dict[int, torch.cuda.CUDAGraph],
+                   outputs: dict[int, torch.Tensor], pool=None):
+    """A graph of forward(size) for each size into `graphs`, its output tensor into `outputs`; largest first, so that
+    the smaller ones reuse its memory pool (and `pool`'s, when given). Returns the pool."""
+    for size in sorted(sizes, reverse=True):
+        forward(size)  # warm-up: compiles kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = forward(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    return pool
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -61,16 +77,7 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         self._pad_rows(self.host_buffers[0], 0, self.host_buffers[0].shape[1])
         self.device_inputs.copy_(self.host_buffers[0])
-        pool = None
-        for bs in reversed(self.buckets):  # largest first, so the smaller graphs reuse its memory pool
-            self._forward(bs)  # warm-up: compiles kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
-            pool = graph.pool()
-            self.graphs[bs] = graph
-        self.pool = pool  # for the prefill graphs to share
+        self.pool = capture_graphs(self._forward, self.buckets, self.graphs, self.logits)  # the prefill graphs share it
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def bucket_for(self, batch: int) -> int | None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from chitu.ops.attention_metadata import padded_prefill
 from chitu.runner.block_tables import BlockTables
+from chitu.runner.cuda_graph import capture_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,7 @@ class PrefillGraphs:
     def _capture_all(self, pool) -> None:
         # a placeholder request: one token at position 0 of the scratch row
         self.device_inputs[-3:] = torch.tensor([1, 1, self.tables.scratch_row])
-        for bucket in reversed(self.buckets):
-            self._forward(bucket)  # warm-up: compiles kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = self._forward(bucket)
-            pool = graph.pool()
-            self.graphs[bucket] = graph
+        capture_graphs(self._forward, self.buckets, self.graphs, self.logits, pool)
         logger.info("captured prefill CUDA graphs for %s tokens", self.buckets)
 
     def bucket_for(self, num_tokens: int) -> int | None:
