@@ -17,9 +17,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 from triton.runtime import interpreter  # noqa: E402
 
 import chitu.ops.triton as triton_ops  # noqa: E402
+import test_codes_gemv  # noqa: E402
+import test_grouped_codes  # noqa: E402
 import test_models  # noqa: E402
 from chitu.ops import attention as attention_ops  # noqa: E402
 from chitu.ops.triton import attention, gemv, moe_config, rotary  # noqa: E402
+from chitu.quant.grouped_codes import GroupedCodes  # noqa: E402
 
 FAMILIES = ["llama", "qwen3", "glm4", "qwen3-moe", "glm4-moe", "deepseek-v3"]
 
@@ -77,3 +80,13 @@ def test_family_through_interpreted_kernels_matches_transformers(name, tmp_path,
     attention_fused = model_type != "deepseek-v3"  # MLA stores its latents its own way
     assert kernels_on_cpu["norm_gemv"] and kernels_on_cpu["gated_gemv"]  # each family has dense MLP layers
     assert (kernels_on_cpu["rotate_and_store_kv"] > 0) == attention_fused
+
+
+@pytest.mark.parametrize("qtype", test_codes_gemv.TAKEN + ["int8"])
+def test_integer_codes_gemv_matches_its_reference(qtype: str):
+    if qtype == "int8":
+        codes = GroupedCodes.from_int8(torch.randint(-127, 128, (19, 160), dtype=torch.int8), torch.rand(19) / 100)
+    else:
+        codes, _ = test_grouped_codes.random_codes(qtype, 37, 3 * (8 if qtype in ("Q4_0", "Q4_1", "Q8_0") else 1))
+    for tile in [dict(BLOCK_N=16, GROUPS=8), dict(BLOCK_N=4, GROUPS=32)]:
+        test_codes_gemv.check_against_reference(codes, torch.float32, "cpu", tile)

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from chitu.ops.triton.codes_gemv import codes_gemv, supports as codes_gemv_supports
 from chitu.quant.grouped_codes import GroupedCodes
 
 
@@ -161,6 +162,8 @@ def grouped_codes_linear(x: torch.Tensor, w: GroupedCodes) -> torch.Tensor:
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     operands, flags = _operands(w)
     row_strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
+    if m == 1 and codes_gemv_supports(w):
+        return codes_gemv(rows, w).view(*x.shape[:-1], n)
     if m == 1:
         _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](rows, *operands, out, n, k, *row_strides, **flags)
     else:
