@@ -4,8 +4,8 @@ weights are downloaded), all measured in this one run:
     python benchmarks/bench_hybrid.py [--layers 48] [--batches 1 8] [--new-tokens 32]
     python benchmarks/bench_hybrid.py --tiny --device cpu      # a smoke test of the script on a small shape
 
-Decode tokens/s at each batch with cpu_layer_num = 0 (everything on the GPU), half and all MoE layers, and the model
-entirely on the CPU beside; the CPU experts' achieved bandwidth at batch 1 (the Q4_K bytes of the experts a token
+Decode tokens/s at each batch with cpu_layer_num = 0 (everything on the GPU), half and all MoE layers, each eagerly and
+under CUDA graphs (the host experts as host-function nodes), and the model entirely on the CPU beside; the CPU experts' achieved bandwidth at batch 1 (the Q4_K bytes of the experts a token
 routes to, per second of the host-expert calls) against the host's copy bandwidth measured here (read + written); and DeepSeek-R1-Q4_K_M
 extrapolated from that bandwidth (58 MoE layers on the CPU, 8 routed experts of 2048 x 7168 a token).
 """
@@ -136,18 +136,21 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s", flush=True)
     bandwidth = host_copy_bandwidth()
     print(f"host copy bandwidth {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)
-    layouts = [(args.device, n) for n in sorted({0, shape["layers"] // 2, shape["layers"]})]
+    graphs = [False, True] if args.device == "cuda" else [False]
+    layouts = [(args.device, n, graph) for n in sorted({0, shape["layers"] // 2, shape["layers"]}) for graph in graphs]
     if not args.no_pure_cpu and args.device != "cpu":
-        layouts.append(("cpu", 0))
-    print(f"\n{'device':8}{'cpu_layer_num':>15}" + "".join(f"{'b' + str(b) + ' tok/s':>12}" for b in args.batches)
+        layouts.append(("cpu", 0, False))
+    print(f"\n{'device':8}{'cpu_layer_num':>15}{'graphs':>8}" + "".join(f"{'b' + str(b) + ' tok/s':>12}" for b in args.batches)
           + f"{'CPU experts GB/s':>18}{'of host copy':>14}")
-    for device, n in layouts:
+    for device, n, graph in layouts:
         timer = HostExpertTimer()
-        sparse_moe.run_on_host = timer
+        if not graph:  # inside a graph the host experts run as graph nodes, not through run_on_host
+            sparse_moe.run_on_host = timer
         try:
             config = compose_config([f"device={device}", "models=Qwen3-30B-A3B-Q4_K_M", f"models.ckpt_dir={path}",
                                      "quant=gguf", f"cpu_layer_num={n}", "infer.max_reqs=8", "infer.max_seq_len=512",
-                                     "infer.num_blocks=128"] + (["dtype=bfloat16"] if device == "cpu" else []))
+                                     "infer.num_blocks=128", f"infer.use_cuda_graph={graph}"]
+                                    + (["dtype=bfloat16"] if device == "cpu" else []))
             engine = LLMEngine(config, load_tokenizer=False)
             decode_rate(engine, 1, 4)  # warm-up
             rates, achieved = [], 0.0
@@ -159,7 +162,8 @@ def main() -> None:
         finally:
             sparse_moe.run_on_host = host_experts.run_on_host
         cells = "".join(f"{r:>12.2f}" for r in rates)
-        print(f"{device:8}{n:>15}{cells}{achieved / 1e9:>18.1f}{achieved / bandwidth:>14.1%}", flush=True)
+        measured = f"{achieved / 1e9:>18.1f}{achieved / bandwidth:>14.1%}" if timer.calls else ""
+        print(f"{device:8}{n:>15}{str(graph):>8}{cells}{measured}", flush=True)
         del engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -124,9 +124,8 @@ def resolve_cuda_graph(config: ChituConfig, device: torch.device, capturable: bo
     if setting is True and config.infer.pp_size > 1:
         raise ConfigError("infer.use_cuda_graph=True is not supported with infer.pp_size > 1 yet: use auto or False")
     if setting is True and not capturable:
-        raise ConfigError("infer.use_cuda_graph=True: this model's MoE layers run the torch reference or hold their "
-                          "experts on the host (cpu_layer_num), which waits for the host every step and cannot be "
-                          "captured yet: use auto or False")
+        raise ConfigError("infer.use_cuda_graph=True: this model's MoE layers run the torch reference, which waits "
+                          "for the host every step and cannot be captured: use auto or False")
     return device.type == "cuda" and config.infer.pp_size == 1 and capturable if setting == "auto" else setting
 
 

@@ -22,9 +22,10 @@ def converted(request, tmp_path_factory):
     return convert(request.param, tmp_path_factory)
 
 
-def load(converted, cpu_layer_num: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load(converted, cpu_layer_num: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+         max_positions: int = 256) -> torch.nn.Module:
     with open_checkpoint(converted.path) as reader:
-        return load_model(reader, converted.model_type, 256, torch.device(device), dtype, gguf_blocks=True,
+        return load_model(reader, converted.model_type, max_positions, torch.device(device), dtype, gguf_blocks=True,
                           cpu_layer_num=cpu_layer_num)
 
 
@@ -86,3 +87,19 @@ def test_on_a_gpu_the_host_experts_give_the_logits_of_the_model_on_the_gpu(conve
     assert all(p.device.type == "cuda" for name, p in hybrid.named_parameters() if ".experts." not in name)
     for step, (got, want) in enumerate(zip(logits_of_steps(hybrid, "cuda"), on_gpu, strict=True)):
         assert relative_error(got, want) < 1e-4, f"step {step}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_run_the_host_experts_as_host_function_nodes(converted):
+    """Decode in CUDA graphs (the experts as host-function nodes) gives eager's tokens and logprobs."""
+    from test_cuda_graph import assert_same_greedy, engine, generate
+    num_moe = len(moe_blocks(load(converted, 0)))
+    model = load(converted, num_moe, "cuda", max_positions=512)  # test_cuda_graph.engine's max_seq_len
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in (3, 40, 17)]
+    graph_engine = engine(model, True, torch.float32)
+    assert graph_engine.worker.runner.graphs is not None
+    graph_runs = generate(graph_engine, prompts)
+    eager_runs = generate(engine(model, False, torch.float32), prompts)
+    for graph, eager in zip(graph_runs, eager_runs, strict=True):
+        assert_same_greedy(graph, eager, 2e-3)

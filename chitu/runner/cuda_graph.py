@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from chitu.layers.moe import host_experts
 from chitu.ops.attention_metadata import AttentionMetadata, slot_mapping
 from chitu.runner.block_tables import BlockTables
 
@@ -26,11 +27,12 @@ def capture_graphs(forward: Callable[[int], torch.Tensor], sizes: list[int], gra
     """A graph of forward(size) for each size into `graphs`, its output tensor into `outputs`; largest first, so that
     the smaller ones reuse its memory pool (and `pool`'s, when given). Returns the pool."""
     for size in sorted(sizes, reverse=True):
-        forward(size)  # warm-up: compiles kernels outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs[size] = forward(size)
+        with host_experts.for_capture():
+            forward(size)  # warm-up: compiles kernels (and stages host experts' buffers) outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[size] = forward(size)
         pool = graph.pool()
         graphs[size] = graph
     return pool

@@ -38,9 +38,9 @@ class SparseMoE(nn.Module):
 
     @property
     def capturable(self) -> bool:
-        """Whether a CUDA graph can capture this block (runner/cuda_graph.py): not on the torch reference, not with
-        its experts on the host."""
-        return not self.on_host and moe_ops.capturable(self.experts.gate_up.method.stacked(self.experts.gate_up))
+        """Whether a CUDA graph can capture this block (runner/cuda_graph.py): not on the torch reference; its
+        experts on the host run as a host-function node (layers/moe/host_experts.py)."""
+        return self.on_host or moe_ops.capturable(self.experts.gate_up.method.stacked(self.experts.gate_up))
 
     takes_pending_norm = True  # the router folds the norm before it (layers/norm.py)
 
