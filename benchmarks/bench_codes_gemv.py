@@ -26,7 +26,7 @@ def check(formats: list[str]) -> None:
     for fmt in formats:
         for n, k in [(1, 256), (37, 768), (300, 2304), (4099, 4096)]:
             w = random_codes(fmt, n, k)
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for dtype in (torch.bfloat16, torch.float32):  # float16: test/test_codes_gemv.py
                 x = torch.randn(1, k, device="cuda", dtype=dtype)
                 expected = codes_gemv.reference(x, w)
                 for tile in codes_gemv.CONFIGS:
@@ -36,7 +36,7 @@ def check(formats: list[str]) -> None:
                     assert error < tolerance, (fmt, n, k, dtype, tile, error)
                     if dtype == torch.float32:
                         worst = max(worst, error)
-    print(f"check: integer GEMV = reference for {formats} x 4 shapes x 3 dtypes x {len(codes_gemv.CONFIGS)} tiles "
+    print(f"check: integer GEMV = reference for {formats} x 4 shapes x 2 dtypes x {len(codes_gemv.CONFIGS)} tiles "
           f"(fp32 worst relative error {worst:.1e})")
 
 
