@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
 
 from bench_gpu import copy_bandwidth
 from bench_gpu_quant import LAYER_SHAPES, random_codes
@@ -62,16 +61,6 @@ def graph_seconds(calls: list) -> float:
     return sorted(times)[5]
 
 
-def float_gemv(x: torch.Tensor, w) -> torch.Tensor:
-    """The float GEMV grouped_codes_linear took for one row before the integer kernel."""
-    n, k = w.shape
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    operands, flags = grouped_codes._operands(w)
-    strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
-    grouped_codes._gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, *operands, out, n, k, *strides, **flags)
-    return out
-
-
 def timings(formats: list[str], ceiling: float) -> None:
     print(f"\n{'shape':24}{'format':>7}{'bf16':>16}{'float GEMV':>16}{'integer GEMV':>16}  best tile")
     for name, (n, k) in LAYER_SHAPES.items():
@@ -83,7 +72,7 @@ def timings(formats: list[str], ceiling: float) -> None:
         for fmt in formats:
             codes = [random_codes(fmt, n, k) for _ in range(max(2, min(64, STREAMED_BYTES // (n * k // 2))))]
             size = codes[0].stored_bytes
-            old = graph_seconds([lambda w=w: float_gemv(x, w) for w in codes])
+            old = graph_seconds([lambda w=w: grouped_codes.float_gemv(x, w) for w in codes])
             tiles = {f"{t.kwargs['BLOCK_N']}x{t.kwargs['GROUPS']}/{t.num_warps}w":
                      graph_seconds([lambda w=w, t=t: codes_gemv.codes_gemv(x, w, dict(t.kwargs, num_warps=t.num_warps))
                                     for w in codes]) for t in codes_gemv.CONFIGS}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,14 +112,9 @@ def _launch_host_function(callback) -> None:
         raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {result}")
 
 
-_driver_library = None
-
-
-def _driver():
-    global _driver_library
-    if _driver_library is None:
-        library = ctypes.CDLL("libcuda.so.1")
-        library.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, HOST_FUNCTION, ctypes.c_void_p]
-        library.cuLaunchHostFunc.restype = ctypes.c_int
-        _driver_library = library
-    return _driver_library
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    library = ctypes.CDLL("libcuda.so.1")
+    library.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, HOST_FUNCTION, ctypes.c_void_p]
+    library.cuLaunchHostFunc.restype = ctypes.c_int
+    return library

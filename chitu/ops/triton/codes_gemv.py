@@ -78,17 +78,19 @@ def _gemv_kernel(x_ptr, words_ptr, d_ptr, scales_ptr, dmin_ptr, mins_ptr, out_pt
     WORDS: tl.constexpr = BITS  # 32-bit words of codes a group of 32 values takes
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    code_rows = words_ptr + rows[:, None, None].to(tl.int64) * words_stride + tl.arange(0, 4)[None, None, :]
+    r3 = rows[:, None, None].to(tl.int64)
+    code_rows = words_ptr + r3 * words_stride + tl.arange(0, 4)[None, None, :]
     acc = tl.zeros((BLOCK_N, GROUPS, 1), dtype=tl.float32)
     for k0 in range(0, K // 32, GROUPS):
         group = k0 + tl.arange(0, GROUPS)
         group_mask = group < K // 32
         x8_lo, x8_hi, dx, x8_sum = _quantized_x(x_ptr, group, group_mask)
-        code_mask = row_mask[:, None, None] & group_mask[None, :, None]
-        codes = tl.load(code_rows + group[None, :, None] * WORDS, mask=code_mask, other=0)
+        g3 = group[None, :, None]
+        mask = row_mask[:, None, None] & group_mask[None, :, None]
+        codes = tl.load(code_rows + g3 * WORDS, mask=mask, other=0)
         if BITS == 8:  # words 0-3 hold values 0-15, words 4-7 values 16-31
             dots = _dp4a(codes, x8_lo[None, :, :], tl.zeros_like(codes), True, EMULATED)
-            codes_hi = tl.load(code_rows + group[None, :, None] * WORDS + 4, mask=code_mask, other=0)
+            codes_hi = tl.load(code_rows + g3 * WORDS + 4, mask=mask, other=0)
             dots = _dp4a(codes_hi, x8_hi[None, :, :], dots, True, EMULATED)
         else:  # the low nibbles hold values 0-15, the high ones values 16-31
             dots = _dp4a(codes & 0x0F0F0F0F, x8_lo[None, :, :], tl.zeros_like(codes), False, EMULATED)
@@ -97,18 +99,15 @@ def _gemv_kernel(x_ptr, words_ptr, d_ptr, scales_ptr, dmin_ptr, mins_ptr, out_pt
         x8_sum = x8_sum[None, :, None]
         if OFFSET != 0:
             dot -= OFFSET * x8_sum
-        r3 = rows[:, None, None].to(tl.int64)
-        g3 = group[None, :, None]
-        factor_mask = row_mask[:, None, None] & group_mask[None, :, None]
         super_block = r3 * (K // SUPER) + g3 * 32 // SUPER
-        scale = tl.load(d_ptr + super_block, mask=factor_mask, other=0.0).to(tl.float32)
+        scale = tl.load(d_ptr + super_block, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALES:
-            scale *= tl.load(scales_ptr + r3 * (K // 32) + g3, mask=factor_mask, other=0).to(tl.float32)
+            scale *= tl.load(scales_ptr + r3 * (K // 32) + g3, mask=mask, other=0).to(tl.float32)
         term = scale * dot.to(tl.float32)
         if HAS_DMIN:
-            minimum = tl.load(dmin_ptr + super_block, mask=factor_mask, other=0.0).to(tl.float32)
+            minimum = tl.load(dmin_ptr + super_block, mask=mask, other=0.0).to(tl.float32)
             if HAS_MINS:
-                minimum *= tl.load(mins_ptr + r3 * (K // 32) + g3, mask=factor_mask, other=0).to(tl.float32)
+                minimum *= tl.load(mins_ptr + r3 * (K // 32) + g3, mask=mask, other=0).to(tl.float32)
             term -= minimum * x8_sum.to(tl.float32)
         acc += term * dx[None, :, None]
     acc = tl.sum(tl.sum(acc, axis=2), axis=1)

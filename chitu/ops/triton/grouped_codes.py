@@ -154,21 +154,30 @@ def _operands(w: GroupedCodes) -> tuple[list[torch.Tensor], dict]:
     return [t if t is not None else w.d for t in fields], flags
 
 
+def float_gemv(row: torch.Tensor, w: GroupedCodes) -> torch.Tensor:
+    """row [1, k] (W dequantized)^T → [1, n]: the codes met as they are, in float32 (any bit width)."""
+    n, k = w.shape
+    out = torch.empty(1, n, dtype=row.dtype, device=row.device)
+    operands, flags = _operands(w)
+    row_strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
+    _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](row, *operands, out, n, k, *row_strides, **flags)
+    return out
+
+
 def grouped_codes_linear(x: torch.Tensor, w: GroupedCodes) -> torch.Tensor:
-    """x [..., k] (W dequantized)^T → [..., n] in x's dtype, float32 sums."""
+    """x [..., k] (W dequantized)^T → [..., n] in x's dtype, float32 sums (one row of 4- or 8-bit codes: x rounded to
+    int8, ops/triton/codes_gemv.py)."""
     n, k = w.shape
     rows = x.reshape(-1, k).contiguous()
     m = rows.shape[0]
+    if m == 1:
+        out = codes_gemv(rows, w) if codes_gemv_supports(w) else float_gemv(rows, w)
+        return out.view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     operands, flags = _operands(w)
     row_strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
-    if m == 1 and codes_gemv_supports(w):
-        return codes_gemv(rows, w).view(*x.shape[:-1], n)
-    if m == 1:
-        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](rows, *operands, out, n, k, *row_strides, **flags)
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(m)))
-        _gemm[lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))](
-            rows, rows.stride(0), *operands, out, out.stride(0), m, n, k, *row_strides, **flags,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m)
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    _gemm[lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))](
+        rows, rows.stride(0), *operands, out, out.stride(0), m, n, k, *row_strides, **flags,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m)
     return out.view(*x.shape[:-1], n)
