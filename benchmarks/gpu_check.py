@@ -13,7 +13,7 @@ import pytest
 
 SUITES = ["test/test_triton_ops.py", "test/test_models.py", "test/test_cuda_graph.py", "test/test_sampler.py",
           "test/test_distributed.py::test_moe_under_torchrun_on_one_gpu_matches_plain_python",
-          "test/test_grouped_codes.py", "test/test_host_experts.py", "test/test_quant_fp8_block.py"]
+          "test/test_grouped_codes.py", "test/test_codes_gemv.py", "test/test_host_experts.py", "test/test_quant_fp8_block.py"]
 
 
 def main() -> int:

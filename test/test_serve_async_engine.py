@@ -1,5 +1,5 @@
-"""The engine thread around a real engine in this process: a failing step costs only the request at fault
-(a step over several is retried with each alone), an idle thread sleeps, and stopping aborts what is in
+"""The engine loop on a thread around a real engine in this process: a failing step costs only the request at
+fault (a step over several is retried with each alone), an idle thread sleeps, and stopping aborts what is in
 flight and frees its KV blocks."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from chitu.engine.engine import LLMEngine, RequestRejected, StepError
 from chitu.engine.sampling_params import SamplingParams
 from chitu.serve import async_engine as async_engine_module
 from chitu.serve.async_engine import AsyncEngine, Delta, EngineError, EngineStopped, RequestStream
+from chitu.serve.engine_thread import EngineThread
 
 PROMPT = [1, 504, 3458, 282, 260]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, stop_with_eos=False)
@@ -29,7 +30,7 @@ def run_with(engine: LLMEngine, scenario) -> None:
     """Run `scenario(async_engine)` on an event loop, with the engine thread started and stopped around it."""
 
     async def main() -> None:
-        async_engine = AsyncEngine(lambda: engine)
+        async_engine = AsyncEngine(EngineThread(lambda: engine))
         async_engine.start()
         try:
             await scenario(async_engine)
@@ -120,7 +121,7 @@ def test_rejection_reaches_the_submitter(engine):
 def test_idle_engine_thread_sleeps(engine):
     async def scenario(async_engine: AsyncEngine) -> None:
         await tokens(await async_engine.add("one", PROMPT, GREEDY))
-        stat = Path(f"/proc/self/task/{async_engine._thread.native_id}/stat")
+        stat = Path(f"/proc/self/task/{async_engine.handle.thread.native_id}/stat")
         before = _cpu_ticks(stat)
         await asyncio.sleep(1)
         assert _cpu_ticks(stat) - before <= 2  # clock ticks (10 ms each) in a second of idling

@@ -30,6 +30,8 @@ KEY_HELP: dict[str, str] = {
     "serve.max_waiting_tokens": "their prompt tokens together (503 past it; a request alone is always admitted)",
     "serve.max_connections": "API requests in progress (503 past it)",
     "serve.prompt_timeout_s": "seconds to parse, template and tokenize one request (503 past it)",
+    "serve.engine_process": "true: the engine runs in a process of its own, off the HTTP side's interpreter lock; "
+                            "false: on a thread of the server's process",
     "infer.tp_size": "tensor-parallel size (tp_size × pp_size = torchrun processes)",
     "infer.pp_size": "pipeline-parallel size",
     "infer.pp_layer_partition": "decoder layers per pipeline stage, e.g. [10,12,12,10]; null = even split",

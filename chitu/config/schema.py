@@ -43,6 +43,7 @@ class ServeSection:
     max_waiting_tokens: int = 1024 * 1024
     max_connections: int = 1024
     prompt_timeout_s: float = 10.0
+    engine_process: bool = True
 
     def prompt_char_limit(self, max_seq_len: int) -> int:
         return self.max_prompt_chars or 32 * max_seq_len

@@ -40,6 +40,9 @@ class InvalidRequestField(RequestRejected):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # pickled to the server's process
+        return type(self), (self.param, str(self))
+
 
 class StepError(RuntimeError):
     """A step failed; `requests` are the ones it ran, whose state can no longer be trusted. Raised by

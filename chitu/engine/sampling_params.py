@@ -18,6 +18,9 @@ class InvalidSamplingParam(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # pickled to the server's process
+        return type(self), (self.param, str(self))
+
 
 @dataclass
 class SamplingParams:

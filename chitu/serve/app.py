@@ -41,10 +41,10 @@ class OpenAIService:
 
     def __init__(self, engine: AsyncEngine, config: ChituConfig, metrics: ServeMetrics):
         self.engine = engine
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.chat_template = ChatTemplate(self.tokenizer)
         self.pieces = TokenPieces(self.tokenizer.hf)
-        self.vocab_size = engine.engine.model_config.vocab_size
+        self.vocab_size = engine.vocab_size
         self.model_name = config.models.name
         self.default_max_tokens = config.request.max_new_tokens
         self.limits = RequestLimits(max_prompt_chars=config.serve.prompt_char_limit(config.infer.max_seq_len),

@@ -1,17 +1,12 @@
-"""The engine thread: it alone touches the LLMEngine; asyncio code talks to it through a queue.
+"""The server's handle on the engine: requests in, streams of deltas out, on asyncio event loops.
 
-The thread also builds the engine: then all torch work of the process happens on one thread,
-which matters on CPUs, where a second thread running ops gets an OpenMP pool of its own and
-the two pools slow each other down (~25% per step on two cores).
-
-Submissions and aborts are commands queued to the thread. It runs them between steps, steps while
-any request is unfinished and sleeps on the queue when idle (waking now and then so the engine can
-tell the other ranks it is alive). Each step's outputs reach their consumers on the event loop
-through one `call_soon_threadsafe`; the loop turns their tokens into text, so detokenization is off the
-engine thread's path from one step to the next. A failing step costs only the requests it ran: they get an
-EngineError and are aborted, and the thread serves everyone else. Any other failure means the
-engine cannot go on (another rank failed, idle or busy; a sticky CUDA error; a bug): the thread
-fails every request, stops taking new ones (/health says 503) and calls `on_fatal`.
+The engine loop (engine_core.py) runs in a process of its own (engine_process.py) or on a thread of this one
+(engine_thread.py); this side sends it Add / Abort / STOP commands and takes its events on a thread of this
+process, which hands each turn's deltas to their streams with one `call_soon_threadsafe` per event loop. The
+event loop makes their text (so detokenization is off the engine's path from one step to the next). A failed
+step costs only the requests it ran: they get an EngineError. A Fatal event (another rank failed, a sticky
+CUDA error, a bug, the engine process gone) fails every request, stops taking new ones (/health says 503) and
+calls `on_fatal`.
 
 Admission is bounded on the event loop: requests that have not produced their first token count
 as waiting, and past `max_waiting_requests` of them, or `max_waiting_tokens` of their prompt tokens,
@@ -21,25 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-import queue
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
-from chitu.distributed.comm import CommError
 from chitu.engine.detokenizer import IncrementalDetokenizer, step_text
-from chitu.engine.engine import EngineDead, LLMEngine, StepError
 from chitu.engine.request import TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
-
-Command = Callable[[], None]
-_STOP = None  # the command that ends the thread
-IDLE_WAKE_S = 1.0
+from chitu.serve.engine_core import (STOP, Abort, Add, Command, Emit, EngineStats, Event, Failed, Fatal, Produced,
+                                     Ready, Settled)
+from chitu.tokenizer import Tokenizer
 
 
 class EngineError(RuntimeError):
@@ -68,8 +55,10 @@ class RequestStream:
     """One request's deltas, iterated on the event loop that submitted it."""
 
     def __init__(self, request_id: str, num_prompt_tokens: int, abort: Callable[[str], None],
-                 on_started: Callable[[RequestStream], None] = lambda stream: None):
+                 on_started: Callable[[RequestStream], None] = lambda stream: None,
+                 detokenizer: IncrementalDetokenizer | None = None):
         self.request_id = request_id
+        self.detokenizer = detokenizer  # None: deltas come with their text (or none is made)
         self.num_prompt_tokens = num_prompt_tokens
         self.num_output_tokens = 0
         self.loop = asyncio.get_running_loop()
@@ -80,6 +69,7 @@ class RequestStream:
         self._held: EngineError | None = None  # an error queued behind deltas merged into one (see _merged)
         self._abort = abort
         self._on_started = on_started  # called once: at the first token, or when the stream ends without one
+        self.accepted = self.loop.create_future()  # settled when the engine admits or rejects the request
 
     def put(self, item: Delta | EngineError) -> None:
         """Called on the stream's event loop (see `deliver`)."""
@@ -128,39 +118,45 @@ class RequestStream:
         on_started(self)
 
 
+class EngineHandle(Protocol):
+    """Where the engine loop runs: EngineProcess or EngineThread."""
+
+    tokenizer: Tokenizer | None
+    is_alive: bool
+
+    def start(self, emit: Emit) -> Ready: ...
+
+    def send(self, command: Command) -> None: ...
+
+    def join(self) -> None: ...
+
+
 class AsyncEngine:
-    def __init__(self, build: Callable[[], LLMEngine], after_step: Callable[[LLMEngine], None] = lambda engine: None,
+    def __init__(self, handle: EngineHandle, on_stats: Callable[[EngineStats], None] = lambda stats: None,
                  on_fatal: Callable[[Exception], None] = lambda error: None, max_waiting_requests: int = 1 << 30,
                  max_waiting_tokens: int = 1 << 62):
-        self.engine: LLMEngine | None = None  # set by the thread; read-only elsewhere
+        self.handle = handle
+        self.tokenizer: Tokenizer | None = None
+        self.max_model_tokens = 0
+        self.vocab_size = 0
         self.max_waiting_requests = max_waiting_requests
         self.max_waiting_tokens = max_waiting_tokens
         self.num_waiting = 0     # event loop only: requests submitted that have not started generating
         self.waiting_tokens = 0  # and their prompt tokens
-        self._build = build
-        self._on_fatal = on_fatal  # runs on the engine thread when the engine cannot go on
-        self._build_error: Exception | None = None
-        self._ready = threading.Event()
-        self._after_step = after_step  # runs on the engine thread, e.g. to update gauges
-        self._commands: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="chitu-engine", daemon=True)
+        self._on_stats = on_stats  # runs on the thread that takes the engine's events, e.g. to update gauges
+        self._on_fatal = on_fatal  # and this, when the engine cannot go on
+        self._streams: dict[str, RequestStream] = {}  # submitted, not yet finished, failed or closed
         self._accepting = True
 
     def start(self) -> None:
-        """Start the thread and wait until it has built the engine; a failed build is raised here."""
-        self._thread.start()
-        self._ready.wait()
-        if self._build_error is not None:
-            raise self._build_error
-
-    @property
-    def max_model_tokens(self) -> int:
-        return self.engine.max_model_tokens
+        """Start the engine and wait until it is built; a failed build is raised here."""
+        ready = self.handle.start(self._take)
+        self.tokenizer = self.handle.tokenizer
+        self.max_model_tokens, self.vocab_size = ready.max_model_tokens, ready.vocab_size
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._accepting
+        return self._accepting and self.handle.is_alive
 
     def check_capacity(self, num_prompt_tokens: int = 0) -> None:
         """Raise EngineStopped or EngineOverloaded when a request of this size cannot be taken now."""
@@ -178,13 +174,14 @@ class AsyncEngine:
         """Submit a request; raises EngineStopped / EngineOverloaded, or what LLMEngine.add_request raises
         (RequestRejected, ValueError)."""
         self.check_capacity(len(prompt_token_ids))
-        stream = RequestStream(request_id, len(prompt_token_ids), self.abort, self._stop_waiting)
+        detokenizer = IncrementalDetokenizer(self.tokenizer.hf, prompt_token_ids) if self.tokenizer else None
+        stream = RequestStream(request_id, len(prompt_token_ids), self.abort, self._stop_waiting, detokenizer)
         self.num_waiting += 1
         self.waiting_tokens += len(prompt_token_ids)
-        accepted = stream.loop.create_future()
-        self._commands.put(lambda: self._add(stream, prompt_token_ids, params, priority, accepted))
+        self._streams[request_id] = stream
+        self.handle.send(Add(request_id, prompt_token_ids, params, priority))
         try:
-            await accepted
+            await stream.accepted
         except BaseException:
             stream.close()  # rejected, or the submitter was cancelled
             raise
@@ -195,99 +192,44 @@ class AsyncEngine:
         self.waiting_tokens -= stream.num_prompt_tokens
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(lambda: self._abort(request_id))
+        self._streams.pop(request_id, None)
+        self.handle.send(Abort(request_id))
 
     def stop(self) -> None:
-        """Take no more requests, abort those in flight (their consumers get EngineStopped), join the thread."""
+        """Take no more requests, abort those in flight (their consumers get EngineStopped), wait for the engine
+        to close."""
         self._accepting = False
-        self._commands.put(_STOP)
-        self._thread.join()
+        self.handle.send(STOP)
+        self.handle.join()
 
-    # Everything below runs on the engine thread.
-
-    def _run(self) -> None:
-        try:
-            self.engine = self._build()
-            self.engine.detokenize_in_step = False  # the event loops make the text as they take the deltas
-        except Exception as e:
-            self._build_error = e
-            return
-        finally:
-            self._ready.set()
-        try:
-            while self._run_commands(block=not self.engine.has_unfinished()):
-                if self.engine.has_unfinished():
-                    self._step()
-                else:
-                    self.engine.keep_alive()
-                self._after_step(self.engine)
-            self._fail(list(self._streams), EngineStopped("the server is shutting down"))
-            self._after_step(self.engine)
-            self.engine.close()
-        except Exception as e:
-            self._accepting = False
-            if isinstance(e, (EngineDead, CommError)):
-                logger.critical("the engine stopped: %s", e)
-                error = EngineError(f"the engine stopped: {e}")
-            else:
-                logger.critical("the engine stopped after an unexpected error", exc_info=e)
-                error = EngineError("the engine stopped after an internal error; the server log has the details")
-            self._fail(list(self._streams), error)
-            self._on_fatal(e)
-
-    def _run_commands(self, block: bool) -> bool:
-        """Run the queued commands, first waiting for one if `block`; False once told to stop."""
-        try:
-            command = self._commands.get(block=block, timeout=IDLE_WAKE_S if block else None)
-            while command is not _STOP:
-                try:
-                    command()
-                except Exception:
-                    logger.exception("engine command failed")
-                command = self._commands.get_nowait()
-            return False
-        except queue.Empty:
-            return True
-
-    def _add(self, stream: RequestStream, prompt: list[int], params: SamplingParams, priority: int,
-             accepted: asyncio.Future) -> None:
-        try:
-            self.engine.add_request(prompt, params, stream.request_id, priority)
-        except Exception as e:  # rejected: the submitter gets the exception
-            stream.loop.call_soon_threadsafe(_settle, accepted, e)
-            return
-        self._streams[stream.request_id] = stream
-        stream.loop.call_soon_threadsafe(_settle, accepted, None)
-
-    def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-        self.engine.abort(request_id)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except StepError as e:
-            failed = [r.request_id for r in e.requests]
-            logger.error("an engine step failed; aborting request(s) %s", ", ".join(failed), exc_info=e.__cause__)
-            for request_id in failed:
-                self._fail([request_id], EngineError(f"the engine failed while running this request ({request_id}); "
-                                                     f"the server log has the details"))
-            return
+    def _take(self, events: list[Event]) -> None:
+        """One turn's events, on the thread that takes them from the engine."""
         deliveries = []
-        for output in outputs:
-            request = output.request
-            finish_reason = request.finish_reason if output.finished else None
-            stream = self._streams.pop(request.request_id) if finish_reason else self._streams.get(request.request_id)
-            if stream is not None:
-                delta = Delta(output.new_token_ids, output.new_text, output.new_logprobs, finish_reason)
-                deliveries.append((stream, delta if request.detokenizer is None else
-                                   Untokenized(delta, request.detokenizer, output.stop_reason)))
+        for event in events:
+            if isinstance(event, Produced):
+                stream = (self._streams.pop if event.finish_reason else self._streams.get)(event.request_id, None)
+                if stream is not None:
+                    deliveries.append((stream, _delta(stream, event)))
+            elif isinstance(event, Settled):
+                stream = self._streams.get(event.request_id)
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(_settle, stream.accepted, event.error)
+            elif isinstance(event, Failed):
+                error = (EngineStopped if event.stopping else EngineError)(event.message)
+                deliveries += [(self._streams.pop(i), error) for i in event.request_ids if i in self._streams]
+            elif isinstance(event, EngineStats):
+                self._on_stats(event)
+            elif isinstance(event, Fatal):
+                self._accepting = False
+                error = EngineError(event.message)
+                deliveries += [(self._streams.pop(i), error) for i in list(self._streams)]
+                self._on_fatal(RuntimeError(event.cause))
         deliver(deliveries)
 
-    def _fail(self, request_ids: list[str], error: EngineError) -> None:
-        for request_id in request_ids:
-            self.engine.abort(request_id)
-        deliver([(self._streams.pop(i), error) for i in request_ids if i in self._streams])
+
+def _delta(stream: RequestStream, produced: Produced) -> Delta | Untokenized:
+    delta = Delta(produced.token_ids, "", produced.logprobs, produced.finish_reason)
+    return delta if stream.detokenizer is None else Untokenized(delta, stream.detokenizer, produced.stop_reason)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from chitu.engine.engine import LLMEngine
 from chitu.serve.async_engine import RequestStream
+from chitu.serve.engine_core import EngineStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -36,13 +36,13 @@ class ServeMetrics:
         self.prefix_hit_rate = Gauge("chitu_prefix_cache_hit_rate", "Prefix-cache hits over queries so far", registry=r)
         self._counted = (0, 0)  # the engine's queries and hits already added
 
-    def observe_engine(self, engine: LLMEngine) -> None:
-        """Refresh the gauges; called on the engine thread after every step and command."""
-        self.running.set(len(engine.scheduler.running))
-        self.waiting.set(engine.scheduler.num_waiting)
-        self.kv_usage.set(engine.blocks.usage)
-        self.kv_free_blocks.set(engine.blocks.num_free)
-        queries, hits = engine.blocks.query_tokens, engine.blocks.hit_tokens
+    def observe_engine(self, stats: EngineStats) -> None:
+        """Refresh the gauges; called after every turn of the engine loop."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.kv_free_blocks.set(stats.kv_free_blocks)
+        queries, hits = stats.prefix_query_tokens, stats.prefix_hit_tokens
         self.prefix_queries.inc(queries - self._counted[0])
         self.prefix_hits.inc(hits - self._counted[1])
         self._counted = (queries, hits)

@@ -14,6 +14,8 @@ from chitu.engine.engine import LLMEngine
 from chitu.serve.app import create_app
 from chitu.serve.async_engine import AsyncEngine
 from chitu.serve.auth import ApiKeys
+from chitu.serve.engine_process import EngineProcess
+from chitu.serve.engine_thread import EngineThread
 from chitu.serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ def main(config: ChituConfig) -> None:
         if server is not None:
             server.should_exit = True
 
-    engine = AsyncEngine(functools.partial(LLMEngine, config), metrics.observe_engine, stop_serving,
-                         config.serve.max_waiting_requests, config.serve.max_waiting_tokens)
+    handle = EngineProcess(config) if config.serve.engine_process else EngineThread(functools.partial(LLMEngine, config))
+    engine = AsyncEngine(handle, metrics.observe_engine, stop_serving, config.serve.max_waiting_requests,
+                         config.serve.max_waiting_tokens)
     engine.start()
     app = create_app(engine, config, metrics, keys)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

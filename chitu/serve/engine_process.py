@@ -1,0 +1,194 @@
+"""The engine loop as the main thread of a process of its own (serve.engine_process=true, the default).
+
+The HTTP side (parsing, templating, detokenizing, formatting and writing one event per token and stream)
+then never holds the interpreter lock the engine's step loop needs: at 256 streams in one process that
+lock cost the engine a fifth of its speed. Commands and each turn's events cross one pipe, pickled; the
+server reads events on a thread of its own and hands them to the event loops.
+
+The child is spawned (a fresh interpreter: CUDA is never initialized in the server's process), inherits the
+environment (under torchrun it is rank 0 of the process group), logs where the server logs, ignores SIGINT
+and SIGTERM (the server stops it when it drains) and stops by itself when the server's end of the pipe closes.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+from chitu.config.schema import ChituConfig
+from chitu.engine.engine import LLMEngine
+from chitu.errors import UserError
+from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Event, Fatal, Ready, Settled
+from chitu.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 60  # for the engine to close after STOP (it releases the other ranks)
+
+
+@dataclass(frozen=True)
+class BuildFailed:
+    error: Exception
+
+
+@dataclass(frozen=True)
+class LogSetup:
+    """The root logger's level and handlers (files, stdout / stderr with their formats), redone in the child."""
+
+    level: int
+    handlers: list[tuple[str, str | None, str | None]]  # (file path or "stdout" / "stderr", format, date format)
+
+    @classmethod
+    def of_this_process(cls) -> LogSetup:
+        handlers = []
+        for handler in logging.getLogger().handlers:
+            formatter = handler.formatter or logging.Formatter()
+            if isinstance(handler, logging.FileHandler):
+                target = handler.baseFilename
+            elif isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+                target = "stdout" if handler.stream is sys.stdout else "stderr"
+            else:
+                continue
+            handlers.append((target, formatter._fmt, formatter.datefmt))
+        return cls(logging.getLogger().level, handlers)
+
+    def apply(self) -> None:
+        root = logging.getLogger()
+        root.setLevel(self.level)
+        for target, fmt, datefmt in self.handlers:
+            handler = (logging.StreamHandler(getattr(sys, target)) if target in ("stdout", "stderr")
+                       else logging.FileHandler(target))
+            handler.setFormatter(logging.Formatter(fmt, datefmt))
+            root.addHandler(handler)
+
+
+class EngineProcess:
+    def __init__(self, config: ChituConfig):
+        self.tokenizer = Tokenizer(config.models.tokenizer_location())
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        self._process = context.Process(target=run_engine_process, args=(config, child_end, LogSetup.of_this_process()),
+                                        name="chitu-engine", daemon=True)
+        self._child_end = child_end
+        self._reader: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._stopping = False
+
+    @property
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.exitcode
+
+    def start(self, emit: Emit) -> Ready:
+        """Start the process and wait until it has built the engine; a failed build is raised here. Its events
+        go to `emit`, on a reader thread."""
+        self._process.start()
+        self._child_end.close()  # the child holds it now: its exit closes the pipe
+        try:
+            first = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the engine process exited with code {self._process.exitcode} while starting; "
+                               f"the log above has the cause") from None
+        if isinstance(first, BuildFailed):
+            self._process.join()
+            raise first.error
+        self._reader = threading.Thread(target=self._read, args=(emit,), name="chitu-engine-reader", daemon=True)
+        self._reader.start()
+        return first
+
+    def send(self, command: Command) -> None:
+        if command is STOP:
+            self._stopping = True
+        try:
+            with self._send_lock:
+                self._conn.send(command)
+        except OSError:
+            pass  # the process is gone: the reader reports it
+
+    def join(self) -> None:
+        self._reader.join()
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop in %d s; killing it", STOP_TIMEOUT_S)
+            self._process.kill()
+            self._process.join()
+
+    def _read(self, emit: Emit) -> None:
+        fatal = False
+        while True:
+            try:
+                events: list[Event] = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            fatal = fatal or any(isinstance(event, Fatal) for event in events)
+            emit(events)
+        if not (fatal or self._stopping):
+            self._process.join(STOP_TIMEOUT_S)
+            logger.critical("the engine process exited with code %s", self._process.exitcode)
+            cause = f"the engine process exited with code {self._process.exitcode}"
+            emit([Fatal(f"{cause}; the server log has the details", cause)])
+
+
+# Everything below runs in the engine's process.
+
+def run_engine_process(config: ChituConfig, conn, log_setup: LogSetup) -> None:
+    for handled in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(handled, signal.SIG_IGN)
+    log_setup.apply()
+    try:
+        engine = LLMEngine(config)
+    except Exception as e:
+        if not isinstance(e, UserError):
+            logger.exception("building the engine failed")
+        conn.send(BuildFailed(_picklable(e)))
+        return
+    conn.send(Ready(engine.max_model_tokens, engine.model_config.vocab_size))
+    fatal = EngineCore(engine, _sender(conn)).serve(_receiver(conn))
+    conn.close()
+    sys.exit(1 if fatal else 0)
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _sender(conn) -> Emit:
+    def send(events: list[Event]) -> None:
+        events = [Settled(e.request_id, _picklable(e.error)) if isinstance(e, Settled) and e.error else e
+                  for e in events]
+        try:
+            conn.send(events)
+        except OSError:
+            pass  # the server is gone: the next receive sees the pipe closed and stops
+
+    return send
+
+
+def _receiver(conn):
+    def receive(timeout_s: float) -> list[Command]:
+        commands: list[Command] = []
+        try:
+            while conn.poll(timeout_s if not commands else 0):
+                commands.append(conn.recv())
+                if commands[-1] is STOP:
+                    break
+        except (EOFError, OSError):  # the server is gone: stop
+            commands.append(STOP)
+        return commands
+
+    return receive
