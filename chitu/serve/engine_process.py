@@ -11,22 +11,32 @@ and SIGTERM (the server stops it when it drains) and stops by itself when the se
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import sys
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 from chitu.config.schema import ChituConfig
 from chitu.engine.engine import LLMEngine
 from chitu.errors import UserError
-from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Event, Fatal, Ready, Settled
+from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Event, Fatal, Ready, Receive, Settled
 from chitu.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 60  # for the engine to close after STOP (it releases the other ranks)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Built:
+    ready: Ready
+    tokenizer: Tokenizer | None  # the engine's, pickled: the server need not load it again
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class LogSetup:
 
 class EngineProcess:
     def __init__(self, config: ChituConfig):
-        self.tokenizer = Tokenizer(config.models.tokenizer_location())
+        self.tokenizer: Tokenizer | None = None  # once started
         context = multiprocessing.get_context("spawn")
         self._conn, child_end = context.Pipe()
         self._process = context.Process(target=run_engine_process, args=(config, child_end, LogSetup.of_this_process()),
@@ -103,9 +113,10 @@ class EngineProcess:
         if isinstance(first, BuildFailed):
             self._process.join()
             raise first.error
+        self.tokenizer = first.tokenizer
         self._reader = threading.Thread(target=self._read, args=(emit,), name="chitu-engine-reader", daemon=True)
         self._reader.start()
-        return first
+        return first.ready
 
     def send(self, command: Command) -> None:
         if command is STOP:
@@ -145,18 +156,32 @@ class EngineProcess:
 def run_engine_process(config: ChituConfig, conn, log_setup: LogSetup) -> None:
     for handled in (signal.SIGINT, signal.SIGTERM):
         signal.signal(handled, signal.SIG_IGN)
+    _die_with_the_server()
     log_setup.apply()
+    send = _sender(conn)
     try:
         engine = LLMEngine(config)
     except Exception as e:
         if not isinstance(e, UserError):
             logger.exception("building the engine failed")
-        conn.send(BuildFailed(_picklable(e)))
+        send(BuildFailed(_picklable(e)))
         return
-    conn.send(Ready(engine.max_model_tokens, engine.model_config.vocab_size))
-    fatal = EngineCore(engine, _sender(conn)).serve(_receiver(conn))
+    send(Built(Ready(engine.max_model_tokens, engine.model_config.vocab_size), engine.tokenizer))
+    fatal = EngineCore(engine, send).serve(_receiver(conn))
     conn.close()
     sys.exit(1 if fatal else 0)
+
+
+def _die_with_the_server() -> None:
+    """Be killed when the server's process ends, even while loading (Linux; elsewhere the closed pipe stops the
+    loop once it runs)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != multiprocessing.parent_process().pid:  # it ended before prctl
+        os._exit(1)
 
 
 def _picklable(error: Exception) -> Exception:
@@ -167,19 +192,20 @@ def _picklable(error: Exception) -> Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def _sender(conn) -> Emit:
-    def send(events: list[Event]) -> None:
-        events = [Settled(e.request_id, _picklable(e.error)) if isinstance(e, Settled) and e.error else e
-                  for e in events]
+def _sender(conn) -> Callable[[object], None]:
+    def send(message: list[Event] | Built | BuildFailed) -> None:
+        if isinstance(message, list):
+            message = [Settled(e.request_id, _picklable(e.error)) if isinstance(e, Settled) and e.error else e
+                       for e in message]
         try:
-            conn.send(events)
+            conn.send(message)
         except OSError:
             pass  # the server is gone: the next receive sees the pipe closed and stops
 
     return send
 
 
-def _receiver(conn):
+def _receiver(conn) -> Receive:
     def receive(timeout_s: float) -> list[Command]:
         commands: list[Command] = []
         try:
