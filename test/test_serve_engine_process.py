@@ -105,8 +105,12 @@ def test_a_failed_build_is_raised_at_start(smollm2_path, tmp_path, stopped_proce
         AsyncEngine(process).start()
 
 
-def test_stop_fails_requests_in_flight_and_ends_the_process(smollm2_path, stopped_process):
+def test_an_idle_process_sleeps_and_stop_fails_requests_in_flight(smollm2_path, stopped_process):
     async def scenario(async_engine: AsyncEngine) -> None:
+        engine_process = psutil.Process(process.pid)
+        before = sum(engine_process.cpu_times()[:2])
+        await asyncio.sleep(1)
+        assert sum(engine_process.cpu_times()[:2]) - before <= 0.05  # CPU seconds in a second of idling
         stream = await async_engine.add("long", PROMPTS[0], SamplingParams(max_new_tokens=100, stop_with_eos=False))
         await anext(stream)
         async_engine.stop()
