@@ -58,7 +58,7 @@ class RequestStream:
                  on_started: Callable[[RequestStream], None] = lambda stream: None,
                  detokenizer: IncrementalDetokenizer | None = None):
         self.request_id = request_id
-        self.detokenizer = detokenizer  # None: deltas come with their text (or none is made)
+        self.detokenizer = detokenizer  # None (no tokenizer): deltas carry no text
         self.num_prompt_tokens = num_prompt_tokens
         self.num_output_tokens = 0
         self.loop = asyncio.get_running_loop()
