@@ -115,7 +115,7 @@ class LLMEngine:
         # Enqueue a decode step's successor before reading its tokens, so the host's work between steps
         # overlaps the device's. Pays only where the device runs ahead of the host (CUDA).
         self.overlap_steps = self.device.type == "cuda" and self.parallel.world_size == 1
-        # Off (the server's engine thread): outputs carry no text; whoever reads them detokenizes, off this thread.
+        # Off (the server's engine loop): requests get no detokenizer, outputs no text; the server detokenizes.
         self.detokenize_in_step = True
 
     @property
@@ -149,7 +149,7 @@ class LLMEngine:
         self._check_params(params, token_ids)
         self._check_length(len(token_ids), params.max_new_tokens)
         request = Request(request_id or uuid.uuid4().hex, token_ids, params, priority)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and self.detokenize_in_step:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, token_ids)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
@@ -318,7 +318,7 @@ class LLMEngine:
                 output.new_logprobs.append(TokenLogprob(token_id, result.logprobs[i], top))
                 request.logprobs.extend(output.new_logprobs)
             reason = output.stop_reason = self._stop_reason(request, token_id)
-            if request.detokenizer is not None and self.detokenize_in_step:
+            if request.detokenizer is not None:
                 output.new_text = step_text(request.detokenizer, token_id, reason)
             if reason:
                 self._finish(request, reason)

@@ -109,10 +109,14 @@ Emit = Callable[[list[Event]], None]
 
 
 class EngineCore:
-    def __init__(self, engine: LLMEngine, emit: Emit):
+    """`portable(error)` is what a rejected submitter gets for `error` (an engine process sends it pickled)."""
+
+    def __init__(self, engine: LLMEngine, emit: Emit,
+                 portable: Callable[[Exception], Exception] = lambda error: error):
         self.engine = engine
         self.engine.detokenize_in_step = False  # the front end makes the text as it takes the tokens
         self._emit = emit
+        self._portable = portable
         self._live: set[str] = set()  # admitted, not yet finished or aborted
         self._events: list[Event] = []
 
@@ -156,7 +160,7 @@ class EngineCore:
         try:
             self.engine.add_request(add.prompt_token_ids, add.params, add.request_id, add.priority)
         except Exception as e:  # rejected: the submitter gets the exception
-            self._events.append(Settled(add.request_id, e))
+            self._events.append(Settled(add.request_id, self._portable(e)))
             return
         self._live.add(add.request_id)
         self._events.append(Settled(add.request_id, None))

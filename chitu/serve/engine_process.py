@@ -25,7 +25,7 @@ from typing import Callable
 from chitu.config.schema import ChituConfig
 from chitu.engine.engine import LLMEngine
 from chitu.errors import UserError
-from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Event, Fatal, Ready, Receive, Settled
+from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Event, Fatal, Ready, Receive
 from chitu.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class EngineProcess:
                 events: list[Event] = self._conn.recv()
             except (EOFError, OSError):
                 break
-            fatal = fatal or any(isinstance(event, Fatal) for event in events)
+            fatal = fatal or isinstance(events[-1], Fatal)  # the core emits a Fatal alone, as its last word
             emit(events)
         if not (fatal or self._stopping):
             self._process.join(STOP_TIMEOUT_S)
@@ -167,7 +167,7 @@ def run_engine_process(config: ChituConfig, conn, log_setup: LogSetup) -> None:
         send(BuildFailed(_picklable(e)))
         return
     send(Built(Ready(engine.max_model_tokens, engine.model_config.vocab_size), engine.tokenizer))
-    fatal = EngineCore(engine, send).serve(_receiver(conn))
+    fatal = EngineCore(engine, send, _picklable).serve(_receiver(conn))
     conn.close()
     sys.exit(1 if fatal else 0)
 
@@ -194,9 +194,6 @@ def _picklable(error: Exception) -> Exception:
 
 def _sender(conn) -> Callable[[object], None]:
     def send(message: list[Event] | Built | BuildFailed) -> None:
-        if isinstance(message, list):
-            message = [Settled(e.request_id, _picklable(e.error)) if isinstance(e, Settled) and e.error else e
-                       for e in message]
         try:
             conn.send(message)
         except OSError:

@@ -146,20 +146,21 @@ _gemv = triton.autotune(GEMV_CONFIGS, key=["N", "K", "BITS"])(_gemv_kernel)
 _gemm = triton.autotune(GEMM_CONFIGS, key=["N", "K", "BITS", "BLOCK_M"])(_gemm_kernel)
 
 
-def _operands(w: GroupedCodes) -> tuple[list[torch.Tensor], dict]:
-    """The fields as kernel arguments (absent ones stand in as d, never read) and the format's constants."""
+def _operands(w: GroupedCodes) -> tuple[list[torch.Tensor], tuple[int, int], dict]:
+    """The fields as kernel arguments (absent ones stand in as d, never read), the code planes' row strides and the
+    format's constants."""
     fields = [w.low, w.high] + [w.d, w.scales, w.dmin, w.mins]
+    row_strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
     flags = dict(BITS=w.bits, OFFSET=w.offset, GROUP=w.group, SUPER=w.super_block, HAS_SCALES=w.scales is not None,
                  HAS_DMIN=w.dmin is not None, HAS_MINS=w.mins is not None)
-    return [t if t is not None else w.d for t in fields], flags
+    return [t if t is not None else w.d for t in fields], row_strides, flags
 
 
 def float_gemv(row: torch.Tensor, w: GroupedCodes) -> torch.Tensor:
     """row [1, k] (W dequantized)^T → [1, n]: the codes met as they are, in float32 (any bit width)."""
     n, k = w.shape
     out = torch.empty(1, n, dtype=row.dtype, device=row.device)
-    operands, flags = _operands(w)
-    row_strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
+    operands, row_strides, flags = _operands(w)
     _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](row, *operands, out, n, k, *row_strides, **flags)
     return out
 
@@ -174,8 +175,7 @@ def grouped_codes_linear(x: torch.Tensor, w: GroupedCodes) -> torch.Tensor:
         out = codes_gemv(rows, w) if codes_gemv_supports(w) else float_gemv(rows, w)
         return out.view(*x.shape[:-1], n)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    operands, flags = _operands(w)
-    row_strides = (w.low.stride(0), w.high.stride(0) if w.high is not None else 0)
+    operands, row_strides, flags = _operands(w)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     _gemm[lambda meta: (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))](
         rows, rows.stride(0), *operands, out, out.stride(0), m, n, k, *row_strides, **flags,
