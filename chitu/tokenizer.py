@@ -1,19 +1,24 @@
 """Tokenizer and chat template, from an HF checkpoint directory or a GGUF file's metadata."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+import transformers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 
 class Tokenizer:
     def __init__(self, location: str):
-        if location.endswith(".gguf"):
-            self.hf = AutoTokenizer.from_pretrained(os.path.dirname(location) or ".", gguf_file=os.path.basename(location))
-        else:
-            self.hf = AutoTokenizer.from_pretrained(location)
+        self.hf = from_gguf(location) if location.endswith(".gguf") else AutoTokenizer.from_pretrained(location)
         self.eos_token_ids = frozenset(self._eos_ids(location))
 
     def _eos_ids(self, location: str) -> set[int]:
@@ -43,3 +48,39 @@ class Tokenizer:
     def encode_rendered(self, text: str) -> list[int]:
         """A rendered chat carries its special tokens itself."""
         return self.hf.encode(text, add_special_tokens=False)
+
+
+def from_gguf(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer a GGUF file's metadata describes. transformers builds it in seconds (it parses the whole
+    file), so it is saved once in Chitu's cache (`cache_root()`), keyed by the file and the transformers version,
+    and loaded from there in a fraction of a second after that."""
+    cached = cache_root() / "tokenizers" / _gguf_key(path)
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=cached.parent)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, cached)  # whole or not at all: ranks or servers may save at once
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another one did
+    except OSError as error:
+        logger.info("the tokenizer of %s is not cached (%s)", path, error)
+    return tokenizer
+
+
+def cache_root() -> Path:
+    """Where Chitu keeps what it derives from checkpoints: CHITU_CACHE_DIR, else $XDG_CACHE_HOME/chitu, else
+    ~/.cache/chitu."""
+    if os.environ.get("CHITU_CACHE_DIR"):
+        return Path(os.environ["CHITU_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chitu"
+
+
+def _gguf_key(path: str) -> str:
+    stat = os.stat(path)
+    identity = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:24]
+

@@ -1,6 +1,8 @@
 import importlib.metadata
 import os
+import shutil
 import signal
+import tempfile
 
 import pytest
 
@@ -17,6 +19,15 @@ def pytest_configure(config) -> None:
     # in them instead.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    # What Chitu derives from checkpoints (tokenizers converted from GGUF files) goes to a cache of this run's own,
+    # shared by the processes the tests start, and removed at the end.
+    if "CHITU_CACHE_DIR" not in os.environ:
+        os.environ["CHITU_CACHE_DIR"] = config._chitu_cache = tempfile.mkdtemp(prefix="chitu-cache-")
+
+
+def pytest_unconfigure(config) -> None:
+    if getattr(config, "_chitu_cache", None):
+        shutil.rmtree(config._chitu_cache, ignore_errors=True)
 
 
 def smollm2_gguf_path() -> str | None:

@@ -18,6 +18,19 @@ from chitu.quant.gguf import dequantize
 PERMUTED_QK_ARCHITECTURES = {"llama"}
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf's reader over a plain-array view of its memory map: each slice of an np.memmap is a memmap again,
+    whose bookkeeping made reading the metadata (a vocabulary of ~50k strings) three times slower."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, mapped: np.ndarray) -> None:
+        self._plain = mapped.view(np.ndarray)
+
+
 @dataclass(frozen=True)
 class _Tensor:
     stored: gguf.ReaderTensor
@@ -60,7 +73,7 @@ class GGUFCheckpointReader(CheckpointReader):
         readers = []
         for part in split_parts(path):
             try:
-                readers.append(gguf.GGUFReader(part))
+                readers.append(_Reader(part))
             except (OSError, ValueError) as error:
                 raise CheckpointError(f"cannot open GGUF file {part}: {error}") from error
         try:

@@ -1,7 +1,10 @@
 """Incremental detokenization for streaming: each new token becomes the text it adds, and no more."""
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # The window starts this many prompt tokens back, so the first output token decodes with its
 # leading space (SentencePiece drops the space of a sequence's first word).

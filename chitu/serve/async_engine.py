@@ -24,8 +24,8 @@ from typing import Callable, Protocol
 from chitu.engine.detokenizer import IncrementalDetokenizer, step_text
 from chitu.engine.request import TokenLogprob
 from chitu.engine.sampling_params import SamplingParams
-from chitu.serve.engine_core import (STOP, Abort, Add, Command, Emit, EngineStats, Event, Failed, Fatal, Produced,
-                                     Ready, Settled)
+from chitu.serve.engine_events import (STOP, Abort, Add, Command, Emit, EngineStats, Event, Failed, Fatal, Produced,
+                                       Ready, Settled)
 from chitu.tokenizer import Tokenizer
 
 

@@ -13,99 +13,16 @@ event for the front end to fail everyone with.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable
 
 from chitu.distributed.comm import CommError
 from chitu.engine.engine import EngineDead, LLMEngine, StepError
-from chitu.engine.request import TokenLogprob
-from chitu.engine.sampling_params import SamplingParams
+from chitu.serve.engine_events import (STOP, Add, Command, Emit, EngineStats, Event, Failed, Fatal, Produced, Receive,
+                                       Settled)
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAKE_S = 1.0
-
-
-@dataclass(frozen=True)
-class Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class Abort:
-    request_id: str
-
-
-Command = Union[Add, Abort, None]  # None: stop
-STOP: Command = None
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The engine is built (the first event)."""
-
-    max_model_tokens: int
-    vocab_size: int
-
-
-@dataclass(frozen=True)
-class Settled:
-    """An Add was admitted (error None) or rejected (RequestRejected, ValueError, …)."""
-
-    request_id: str
-    error: Exception | None
-
-
-@dataclass(frozen=True)
-class Produced:
-    """What one step added to a request: its token ids, text not yet made (the front end detokenizes)."""
-
-    request_id: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None  # set on the request's last delta: "stop" or "length"
-    stop_reason: str | None    # what ended the request at its last token, for the detokenizer
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The engine dropped these requests: a step that ran them failed, or the engine is stopping."""
-
-    request_ids: list[str]
-    message: str
-    stopping: bool = False
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_usage: float
-    kv_free_blocks: int
-    prefix_query_tokens: int
-    prefix_hit_tokens: int
-
-    @classmethod
-    def of(cls, engine: LLMEngine) -> EngineStats:
-        blocks = engine.blocks
-        return cls(len(engine.scheduler.running), engine.scheduler.num_waiting, blocks.usage, blocks.num_free,
-                   blocks.query_tokens, blocks.hit_tokens)
-
-
-@dataclass(frozen=True)
-class Fatal:
-    """The engine cannot go on; `message` is for the clients, `cause` for the server's exit message."""
-
-    message: str
-    cause: str
-
-
-Event = Union[Ready, Settled, Produced, Failed, EngineStats, Fatal]
-Receive = Callable[[float], list[Command]]  # the commands queued, waiting up to the given seconds for one
-Emit = Callable[[list[Event]], None]
 
 
 class EngineCore:
@@ -198,5 +115,11 @@ class EngineCore:
 
     def _flush(self) -> None:
         events, self._events = self._events, []
-        events.append(EngineStats.of(self.engine))
+        events.append(_stats_of(self.engine))
         self._emit(events)
+
+
+def _stats_of(engine: LLMEngine) -> EngineStats:
+    blocks = engine.blocks
+    return EngineStats(len(engine.scheduler.running), engine.scheduler.num_waiting, blocks.usage, blocks.num_free,
+                       blocks.query_tokens, blocks.hit_tokens)

@@ -20,13 +20,14 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from chitu.config.schema import ChituConfig
-from chitu.engine.engine import LLMEngine
 from chitu.errors import UserError
-from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Event, Fatal, Ready, Receive
-from chitu.tokenizer import Tokenizer
+from chitu.serve.engine_events import STOP, Command, Emit, Event, Fatal, Ready, Receive
+
+if TYPE_CHECKING:
+    from chitu.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 STOP_TIMEOUT_S = 60  # for the engine to close after STOP (it releases the other ranks)
@@ -99,11 +100,16 @@ class EngineProcess:
     def exit_code(self) -> int | None:
         return self._process.exitcode
 
-    def start(self, emit: Emit) -> Ready:
-        """Start the process and wait until it has built the engine; a failed build is raised here. Its events
-        go to `emit`, on a reader thread."""
+    def launch(self) -> None:
+        """Start the process, which builds the engine meanwhile (`start` waits for it)."""
         self._process.start()
         self._child_end.close()  # the child holds it now: its exit closes the pipe
+
+    def start(self, emit: Emit) -> Ready:
+        """Launch the process unless it was, and wait until it has built the engine; a failed build is raised
+        here. Its events go to `emit`, on a reader thread."""
+        if self._process.pid is None:
+            self.launch()
         try:
             first = self._conn.recv()
         except EOFError:
@@ -158,6 +164,9 @@ def run_engine_process(config: ChituConfig, conn, log_setup: LogSetup) -> None:
         signal.signal(handled, signal.SIG_IGN)
     _die_with_the_server()
     log_setup.apply()
+    from chitu.engine.engine import LLMEngine  # here, not above: the server imports this module too
+    from chitu.serve.engine_core import EngineCore
+
     send = _sender(conn)
     try:
         engine = LLMEngine(config)

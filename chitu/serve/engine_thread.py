@@ -10,7 +10,8 @@ import threading
 from typing import Callable
 
 from chitu.engine.engine import LLMEngine
-from chitu.serve.engine_core import STOP, Command, Emit, EngineCore, Ready
+from chitu.serve.engine_core import EngineCore
+from chitu.serve.engine_events import STOP, Command, Emit, Ready
 from chitu.tokenizer import Tokenizer
 
 

@@ -1,30 +1,19 @@
-"""`python -m chitu …` / `torchrun … -m chitu …`: load the model, then serve it over HTTP until a signal."""
+"""`python -m chitu …` / `torchrun … -m chitu …`: load the model, then serve it over HTTP until a signal.
+
+The engine process is launched first and loads the model while this process imports its HTTP side (frontend.py):
+on a few cores the two overlap by seconds of every start."""
 from __future__ import annotations
 
 import functools
 import logging
 import os
-import signal
 import socket
 
-import uvicorn
-
 from chitu.config import ChituConfig, hydra_entry
-from chitu.engine.engine import LLMEngine
-from chitu.serve.app import create_app
-from chitu.serve.async_engine import AsyncEngine
 from chitu.serve.auth import ApiKeys
 from chitu.serve.engine_process import EngineProcess
-from chitu.serve.engine_thread import EngineThread
-from chitu.serve.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
-
-# On Ctrl-C / SIGTERM, requests in flight get this long to finish; the rest are aborted.
-GRACEFUL_SHUTDOWN_S = 10
-# uvicorn refuses connections past serve.max_connections plus this many (health checks, metrics scrapes);
-# API requests past serve.max_connections get Chitu's own 503 before that.
-EXTRA_CONNECTIONS = 1024
 
 
 @hydra_entry
@@ -35,32 +24,16 @@ def main(config: ChituConfig) -> None:
         return
     keys = ApiKeys(config.serve)  # first: a missing key file or a port in use fails before loading
     listener = bind(config.serve.host, config.serve.port)
-    metrics = ServeMetrics()
-    fatal: list[Exception] = []
-    server: uvicorn.Server | None = None
+    if config.serve.engine_process:
+        handle = EngineProcess(config)
+        handle.launch()
+    else:
+        from chitu.engine.engine import LLMEngine
+        from chitu.serve.engine_thread import EngineThread
+        handle = EngineThread(functools.partial(LLMEngine, config))
+    from chitu.serve.frontend import serve  # imported while the engine process loads the model
 
-    def stop_serving(error: Exception) -> None:  # another rank failed: stop, and exit non-zero
-        fatal.append(error)
-        if server is not None:
-            server.should_exit = True
-
-    handle = EngineProcess(config) if config.serve.engine_process else EngineThread(functools.partial(LLMEngine, config))
-    engine = AsyncEngine(handle, metrics.observe_engine, stop_serving, config.serve.max_waiting_requests,
-                         config.serve.max_waiting_tokens)
-    engine.start()
-    app = create_app(engine, config, metrics, keys)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                                           limit_concurrency=config.serve.max_connections + EXTRA_CONNECTIONS))
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the handler
-    # it found at start; with these, that second delivery does nothing and the process exits with 0.
-    for handled in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(handled, lambda signum, frame: None)
-    host, port = listener.getsockname()[:2]
-    logger.info("Serving model %s on http://%s:%d (OpenAI API under /v1)", config.models.name, host, port)
-    server.run(sockets=[listener])
-    if fatal:
-        raise SystemExit(f"Chitu service stopped: {fatal[0]}")
-    logger.info("Chitu service stopped")
+    serve(config, handle, keys, listener)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -80,4 +53,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def follow_driver(config: ChituConfig) -> None:
     """Ranks other than 0 compute rank 0's steps until it shuts down."""
+    from chitu.engine.engine import LLMEngine
+
     LLMEngine(config).follow_driver()
