@@ -1,7 +1,7 @@
 """Named GPU checks and benchmarks run one after another, each under its own time limit, for a device call whose
 time is short: every step's output goes line by line to `$OUT/<step>.log` (what is under $OUT comes back even when
-the call is killed), a hung pytest case dumps every thread's stack after 120 s, and each step ends with a line: name, exit code,
-seconds, its last line of output.
+the call is killed), a hung pytest case dumps every thread's stack after 120 s, and each step ends with a line:
+name, exit code, seconds, its last line of output.
 
     python benchmarks/device_steps.py STEP [STEP ...]      (STEP a name below, or `all`)
 

@@ -74,7 +74,8 @@ def _decoder(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> C
     if isinstance(tokenizer, PreTrainedTokenizerFast) and type(tokenizer)._decode is PreTrainedTokenizerFast._decode:
         backend = tokenizer.backend_tokenizer
         return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False)
 
 
 def step_text(detokenizer: IncrementalDetokenizer, token_id: int, stop_reason: str | None) -> str:

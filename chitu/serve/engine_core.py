@@ -4,7 +4,8 @@ It runs on a thread of the server's process (`EngineThread`) or as the main thre
 (`EngineProcess`); both hand it the same commands and take the same events, so the loop cannot tell them
 apart. Each turn runs the queued commands, steps once if any request is unfinished (else tells the other
 ranks the driver is alive, after sleeping on the commands for up to IDLE_WAKE_S) and emits the turn's events
-in one call: settled submissions, each request's new tokens, failed requests, and the engine's gauges.
+in one call (engine_events.py): settled submissions, each request's new tokens, failed requests, and the
+engine's gauges.
 
 A failing step costs only the requests it ran (`Failed`); anything else that escapes the engine means it
 cannot go on (another rank failed, a sticky CUDA error, a bug): `serve` logs it and returns the `Fatal`
