@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -37,11 +38,14 @@ def test_results_go_to_outputs_by_default(server, tmp_path):
     assert not (tmp_path / "benchmark_serving.json").exists()
 
 
-def test_benchmark_prints_table_and_saves_json(server, tmp_path):
+@pytest.mark.parametrize("client_processes", ["1", "2"])
+def test_benchmark_prints_table_and_saves_json(server, tmp_path, client_processes):
     output = tmp_path / "result.json"
     result = benchmark("--batch-size", "2", "--iterations", "2", "--input-len", "16", "--output-len", "8",
-                       "--warmup", "1", "--base-url", server.url, "--api-key", KEY, "--output-json", str(output))
+                       "--warmup", "1", "--base-url", server.url, "--api-key", KEY, "--output-json", str(output),
+                       "--client-processes", client_processes)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(rf"Client processes\s+{client_processes}\n", result.stdout)
     for row in ("Serving Benchmark Result", "Output token throughput (tok/s)", "Total token throughput (tok/s)",
                 "TTFT", "TPOT", "End-to-end", "p50", "p90", "p99"):
         assert row in result.stdout, row
