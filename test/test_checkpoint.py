@@ -2,6 +2,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -250,3 +251,13 @@ def test_gguf_llama_config_from_metadata_is_transformers_config(smollm2, smollm2
 def test_gguf_missing_tensor_names_the_file(smollm2, smollm2_path):
     with pytest.raises(CheckpointError, match=f"'lm_head.weight' not found in {smollm2_path}"):
         smollm2.read("lm_head.weight", torch.float32)
+
+
+def test_the_plain_view_reader_reads_what_ggufs_reader_reads(smollm2_path):
+    ours, theirs = chitu.checkpoint.gguf._Reader(smollm2_path), gguf.GGUFReader(smollm2_path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name in theirs.fields:
+        assert ours.fields[name].contents() == theirs.fields[name].contents(), name
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
