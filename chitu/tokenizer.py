@@ -53,11 +53,26 @@ class Tokenizer:
 def from_gguf(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer a GGUF file's metadata describes. transformers builds it in seconds (it parses the whole
     file), so it is saved once in Chitu's cache (`cache_root()`), keyed by the file and the transformers version,
-    and loaded from there in a fraction of a second after that."""
-    cached = cache_root() / "tokenizers" / _gguf_key(path)
-    if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
+    and loaded from there in a fraction of a second after that. A cache that cannot be read or written is
+    passed over."""
+    try:
+        cached = cache_root() / "tokenizers" / _gguf_key(path)
+    except (OSError, RuntimeError) as error:  # no home directory
+        logger.info("the tokenizer of %s is not cached (%s)", path, error)
+        cached = None
+    if cached is not None and (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception as error:  # a damaged entry: convert again, and replace it
+            logger.warning("the cached tokenizer %s cannot be loaded (%s); converting %s again", cached, error, path)
+            shutil.rmtree(cached, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    if cached is not None and not cached.exists():
+        _save(tokenizer, cached)
+    return tokenizer
+
+
+def _save(tokenizer: PreTrainedTokenizerBase, cached: Path) -> None:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         staging = tempfile.mkdtemp(dir=cached.parent)
@@ -67,8 +82,7 @@ def from_gguf(path: str) -> PreTrainedTokenizerBase:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)  # another one did
     except OSError as error:
-        logger.info("the tokenizer of %s is not cached (%s)", path, error)
-    return tokenizer
+        logger.info("the tokenizer is not cached in %s (%s)", cached, error)
 
 
 def cache_root() -> Path:

@@ -40,3 +40,13 @@ def test_a_cache_that_cannot_be_written_still_gives_the_tokenizer(smollm2_path, 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("CHITU_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
     assert Tokenizer(smollm2_path).encode("Hello world") == [19556, 905]
+
+
+def test_a_damaged_cache_entry_is_converted_again(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHITU_CACHE_DIR", str(tmp_path))
+    expected = behaviour(Tokenizer(smollm2_path))
+    [entry] = (tmp_path / "tokenizers").iterdir()
+    (entry / "tokenizer.json").write_text("{not json")
+    assert behaviour(Tokenizer(smollm2_path)) == expected
+    replaced = Tokenizer(smollm2_path)
+    assert replaced.hf.name_or_path == str(entry) and behaviour(replaced) == expected
